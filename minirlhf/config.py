@@ -1,0 +1,182 @@
+"""One config for every script: a dataclass with a docstring per field, presets, and `--key=value` overrides.
+
+Values are parsed with `ast.literal_eval` (never exec/eval) and type-checked against the field. `--help` prints
+every field with its docstring, read from this file's source.
+"""
+import ast
+import inspect
+import sys
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass
+class Config:
+    # ---- run ----
+    out_dir: str = "out"
+    """Folder for checkpoints, metrics.jsonl and summary.json (shared by all stages of one run)."""
+    task: str = "reviews"
+    """Embedded task from the registry: 'reviews' or 'arith'."""
+    seed: int = 0
+    """Seed for data, initialisation and sampling."""
+    device: str = "auto"
+    """'auto' (cuda if available), 'cpu' or 'cuda'."""
+    bf16: bool = True
+    """Use bfloat16 autocast when running on CUDA (ignored on CPU)."""
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default."""
+    resume: bool = False
+    """Continue from the last checkpoint in out_dir instead of starting fresh."""
+    preset: str = "default"
+    """'smoke' (seconds, for tests), 'default' (the CPU run) or 'gpu' (a bigger model for one GPU)."""
+    # ---- model ----
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads."""
+    n_embd: int = 128
+    """Model width."""
+    block_size: int = 64
+    """Context length (prompt + response) of every model."""
+    dropout: float = 0.0
+    """Dropout during SFT/RM training (always off at RL time)."""
+    # ---- SFT ----
+    sft_steps: int = 500
+    """SFT optimizer steps."""
+    sft_batch: int = 64
+    """SFT batch size (demonstrations per step)."""
+    sft_lr: float = 3e-3
+    """SFT peak learning rate (cosine decay after warmup)."""
+    warmup: int = 30
+    """Linear warmup steps for SFT and RM training."""
+    weight_decay: float = 0.01
+    """AdamW weight decay for SFT and RM training."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip for every optimizer."""
+    # ---- reward model ----
+    rm_pairs: int = 2000
+    """Gold-labelled preference pairs of SFT samples for the proxy RM (the limited human budget)."""
+    rm_epochs: int = 2
+    """Passes over the preference pairs."""
+    rm_batch: int = 32
+    """Preference pairs per RM step."""
+    rm_lr: float = 5e-4
+    """RM peak learning rate."""
+    label_tau: float = 0.5
+    """Bradley-Terry temperature of the gold labeller: P(a > b) = sigmoid((g(a) - g(b)) / tau)."""
+    label_flip: float = 0.0
+    """Extra probability of flipping each preference label (AlpacaFarm uses 0.25)."""
+    ensemble: int = 1
+    """Train this many RMs from different seeds (Coste et al.); PPO then uses their aggregate."""
+    ensemble_agg: str = "mean"
+    """How an ensemble's rewards combine: 'mean' or 'min' (worst case)."""
+    data: str = ""
+    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues; empty = the embedded task's labeller."""
+    tokenizer: str = ""
+    """With --data: a folder holding GPT-2's vocab.json + merges.txt; empty = train a byte-level BPE on the file."""
+    bpe_vocab: int = 4096
+    """With --data and no --tokenizer: vocabulary size of the BPE trained on the file."""
+    # ---- PPO ----
+    method: str = "ppo"
+    """train_ppo.py: 'ppo' (PPO against the proxy) or 'bon' (best-of-n curve only)."""
+    iters: int = 100
+    """PPO iterations (one rollout batch each)."""
+    rollout_batch: int = 64
+    """Prompts per PPO iteration."""
+    minibatch: int = 32
+    """PPO minibatch size."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    ppo_lr: float = 1e-4
+    """Policy learning rate."""
+    critic_lr: float = 1e-4
+    """Critic learning rate."""
+    kl_coef: float = 0.01
+    """KL penalty coefficient beta in r_t = -beta * (log pi - log pi_ref)."""
+    kl_target: float = 0.0
+    """Adaptive KL controller target (Ziegler et al.); 0 keeps beta fixed."""
+    kl_horizon: int = 10000
+    """Adaptive KL controller horizon."""
+    clip: float = 0.2
+    """PPO ratio clip epsilon."""
+    vf_clip: float = 0.2
+    """Value clip epsilon."""
+    vf_coef: float = 0.1
+    """Value loss coefficient."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    temperature: float = 1.0
+    """Sampling temperature, used in every log-prob computation too."""
+    max_new_tokens: int = 40
+    """Response length limit."""
+    no_eos_penalty: float = -1.0
+    """Reward given instead of the RM score to a response that never emitted EOS."""
+    eval_every: int = 10
+    """Evaluate with the gold judge every this many PPO iterations."""
+    eval_prompts: int = 256
+    """Held-out prompts in each evaluation."""
+    sample_every: int = 50
+    """Print a table of samples every this many iterations."""
+    bon_max: int = 256
+    """Largest n in the best-of-n curve."""
+
+    @classmethod
+    def field_docs(cls):
+        """{field: docstring}, read from the string literal that follows each field in the source."""
+        tree = ast.parse(inspect.getsource(cls))
+        body, docs = tree.body[0].body, {}
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = nxt.value.value
+        return docs
+
+
+PRESETS = {
+    "smoke": dict(n_layer=2, n_head=2, n_embd=32, sft_steps=30, sft_batch=16, warmup=5, rm_pairs=64, rm_epochs=1,
+                  rm_batch=16, iters=3, rollout_batch=8, minibatch=4, ppo_epochs=2, eval_every=2, eval_prompts=16,
+                  sample_every=2, max_new_tokens=24, bon_max=8),
+    "default": {},
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4, rm_lr=5e-5,
+                rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256, minibatch=64),
+}
+
+
+def _check_type(name, value, annotation):
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ValueError(f"--{name}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
+    return value
+
+
+def parse_args(argv=None, **script_defaults):
+    """Config from `--preset=NAME` then `--key=value` overrides (later wins). `script_defaults` are a script's own
+    defaults, applied before the preset."""
+    argv = sys.argv[1:] if argv is None else argv
+    types = {f.name: f.type for f in fields(Config)}
+    if "--help" in argv or "-h" in argv:
+        docs = Config.field_docs()
+        print("options (--key=value):")
+        for f in fields(Config):
+            print(f"  --{f.name}={f.default!r}\n      {docs.get(f.name, '')}")
+        sys.exit(0)
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: argument {arg!r} is not of the form --key=value (see --help)")
+        key, raw = arg[2:].split("=", 1)
+        if key not in types:
+            raise SystemExit(f"error: unknown option --{key} (see --help)")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word is a string: --task=arith
+        try:
+            overrides[key] = _check_type(key, value, types[key])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    preset = overrides.get("preset", script_defaults.get("preset", "default"))
+    if preset not in PRESETS:
+        raise SystemExit(f"error: --preset={preset!r}: expected one of {sorted(PRESETS)}")
+    return replace(Config(), **{**script_defaults, **PRESETS[preset], **overrides})

@@ -1,0 +1,97 @@
+"""Text <-> tensors in minirlhf's batch layout, the gold labeller, and the HH-RLHF file loader.
+
+Layout (see generate.py): prompts left-padded and preceded by BOS; responses right-padded, ending with EOS.
+"""
+import gzip
+import json
+import math
+
+import torch
+
+from .generate import left_pad, response_mask
+
+
+def encode_prompts(tok, prompts, device="cpu", max_len=None):
+    """BOS + prompt tokens, left-padded. A prompt longer than `max_len` keeps its last max_len tokens (the text
+    nearest the response matters most); BOS is kept."""
+    seqs = []
+    for p in prompts:
+        ids = tok.encode(p)
+        if max_len is not None and len(ids) + 1 > max_len:
+            ids = ids[len(ids) + 1 - max_len:]
+        seqs.append([tok.bos_id] + ids)
+    return left_pad(seqs, tok.pad_id, device)
+
+
+def encode_responses(tok, responses, max_len, device="cpu"):
+    """Response tokens + EOS, cut to max_len (a cut response has no EOS: it is unfinished), right-padded."""
+    seqs = [(tok.encode(r) + [tok.eos_id])[:max_len] for r in responses]
+    N = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), N), tok.pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+    ids = ids.to(device)
+    return ids, response_mask(ids, tok.eos_id) * (ids != tok.pad_id).long()
+
+
+def decode_responses(tok, response, mask):
+    """Response texts; EOS kept (it marks a finished response), padding dropped."""
+    return [tok.tok.decode(r[m.bool()].tolist(), skip_special_tokens=False)
+            for r, m in zip(response.cpu(), mask.cpu())]
+
+
+def gold_label(task, prompt, a, b, tau, flip, rng):
+    """The simulated annotator: returns True if a is preferred. P(a > b) = sigmoid((g(a) - g(b)) / tau), then
+    each label flips with probability `flip` (AlpacaFarm-style extra noise)."""
+    diff = (task.gold(prompt, a) - task.gold(prompt, b)) / tau
+    a_wins = rng.random() < 1 / (1 + math.exp(-max(-50.0, min(50.0, diff))))
+    return a_wins != (rng.random() < flip)
+
+
+class DataError(ValueError):
+    """Bad input file: the message names the file, the line and the field."""
+
+
+def _split_dialogue(chosen, rejected):
+    """HH-RLHF pairs are whole dialogues sharing everything up to the last '\\n\\nAssistant:'."""
+    marker = "\n\nAssistant:"
+    cut = chosen.rfind(marker)
+    if cut < 0 or not rejected.startswith(chosen[:cut + len(marker)]):
+        return None
+    cut += len(marker)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def load_hh_pairs(path):
+    """[(prompt, chosen, rejected)] from an HH-RLHF-style JSONL file (optionally .gz) of {"chosen", "rejected"}.
+    Any bad line raises DataError naming the file, line number and field."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    pairs = []
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            for field in ("chosen", "rejected"):
+                if field not in row:
+                    raise DataError(f"{path}:{lineno}: missing field '{field}'")
+                if not isinstance(row[field], str):
+                    raise DataError(f"{path}:{lineno}: field '{field}' must be a string, "
+                                    f"got {type(row[field]).__name__}")
+            split = _split_dialogue(row["chosen"], row["rejected"])
+            if split is None:
+                raise DataError(f"{path}:{lineno}: field 'chosen': no '\\n\\nAssistant:' turn shared with "
+                                "'rejected'")
+            pairs.append(split)
+    if not pairs:
+        raise DataError(f"{path}: empty file (no preference pairs)")
+    return pairs

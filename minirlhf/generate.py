@@ -1,0 +1,99 @@
+"""Batched sampling from left-padded prompts with a preallocated KV cache, and log-prob recomputation.
+
+Layout used everywhere in minirlhf: a batch is `prompt (B, P)` left-padded with `prompt_mask (B, P)`, followed by
+`response (B, N)` right-padded with `response_mask (B, N)` (1 up to and including the first EOS). The full
+sequence is `cat([prompt, response], 1)` with mask `cat([prompt_mask, response_mask], 1)`.
+"""
+import torch
+import torch.nn.functional as F
+
+from .model import KVCache
+
+
+def left_pad(seqs, pad_id, device="cpu"):
+    """List of token-id lists -> (ids (B, P), mask (B, P)) left-padded to the longest."""
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _filter_logits(logits, top_k, top_p):
+    """Mask logits outside the top-k / nucleus top-p set with -inf. logits (B, V)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
+             greedy=False, stop_early=True, generator=None, check_every=8):
+    """Sample up to `max_new_tokens` per row. Returns (response (B, N), logprobs (B, N), response_mask (B, N)).
+
+    logprobs are under the distribution actually sampled from (temperature, then top-k/top-p); 0 on padding.
+    Rows that emitted EOS keep producing PAD. With `stop_early`, the loop ends once every row is done, checked
+    only every `check_every` steps so that CUDA never waits on the host each token; `stop_early=False` is the
+    fixed-length mode (exactly max_new_tokens steps, no host sync at all).
+    """
+    B, P = prompt.shape
+    device = prompt.device
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.cfg, B, P + max_new_tokens, device, dtype)
+    response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pos = prompt_mask.long().sum(-1, keepdim=True) - 1  # (B, 1) position id of each row's last prompt token
+    logits = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0), cache=cache)[:, -1]
+    ones = torch.ones((B, 1), dtype=torch.long, device=device)
+    n = max_new_tokens
+    for t in range(max_new_tokens):
+        logits = _filter_logits(logits.float() / temperature, top_k, top_p)  # (B, V)
+        logp = F.log_softmax(logits, dim=-1)
+        if greedy:
+            tok = logits.argmax(-1)
+        else:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, pad_id, tok)
+        response[:, t] = tok
+        logprobs[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
+        done = done | (tok == eos_id)
+        if stop_early and (t + 1) % check_every == 0 and bool(done.all()):
+            n = t + 1
+            break
+        if t + 1 < max_new_tokens:
+            pos = pos + 1
+            logits = model(tok[:, None], ones, pos, cache=cache)[:, -1]
+    response, logprobs = response[:, :n], logprobs[:, :n]
+    return response, logprobs, response_mask(response, eos_id)
+
+
+def response_mask(response, eos_id):
+    """1 for every token up to and including the first EOS; a row without EOS is all real tokens.
+    (A PAD the policy sampled mid-response counts as a real token: the mask is about EOS, not about PAD.)"""
+    is_eos = (response == eos_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()  # no EOS strictly before this token
+
+
+def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperature=1.0, with_entropy=False):
+    """Log-probs (B, N) of the response tokens with one forward over prompt + response (0 on padding).
+    With the same temperature these equal what `generate` returned. Optionally also the entropy (B, N)."""
+    ids = torch.cat([prompt, response], 1)
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    P = prompt.shape[1]
+    logits = model(ids, mask)[:, P - 1:-1].float() / temperature  # (B, N, V): logits that predicted each token
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, response[..., None]).squeeze(-1) * resp_mask
+    if not with_entropy:
+        return logp
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * resp_mask
+    return logp, entropy

@@ -1,0 +1,228 @@
+"""A GPT-2-architecture decoder, small enough to read in one sitting.
+
+Parameter names and shapes follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so a GPT-2
+checkpoint loads with `GPT.from_pretrained(folder)`. Two things RLHF needs beyond nanoGPT:
+- left padding: every forward takes `attention_mask` (B, T) and `position_ids` (B, T) = cumsum(mask) - 1, so a
+  padded row computes exactly what it would compute alone;
+- a preallocated KV cache (`KVCache`) that decoding writes into in place, so every decode step has the same shapes.
+`ScalarModel` puts a Linear(d, 1) head on the backbone: the reward model and the PPO critic.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+
+
+class KVCache:
+    """Keys and values of every layer for `max_len` positions, allocated once: decoding writes in place."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # which cached positions hold real tokens; padding and not-yet-written positions stay False
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.pos = 0  # number of positions written so far (a Python int: no host sync to read it)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, allowed, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if cache is not None:
+            # write this chunk into the static cache, then attend over the whole buffer (constant shape)
+            cache.k[layer, :, :, cache.pos:cache.pos + T] = k
+            cache.v[layer, :, :, cache.pos:cache.pos + T] = v
+            k, v = cache.k[layer], cache.v[layer]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, allowed, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), allowed, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_allowed(key_mask, q_pos):
+    """Which keys each query may see: real keys at or before the query's slot, plus the query itself.
+
+    key_mask (B, Tk) bool, q_pos (Tq,) slot index of each query. Returns (B, 1, Tq, Tk) bool. The diagonal is
+    always allowed so that a padding query (no real key before it) stays finite instead of softmax-ing over nothing.
+    """
+    k_pos = torch.arange(key_mask.shape[1], device=key_mask.device)
+    causal = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
+    own = k_pos[None, :] == q_pos[:, None]
+    return ((key_mask[:, None, :] & causal[None]) | own[None])[:, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.n_positions, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings, as in GPT-2
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_dropout(self, p):
+        """Dropout must be off in every RL-time model (it would make the PPO ratio != 1 before any update)."""
+        self.cfg.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            if isinstance(m, Attention):
+                m.dropout = p
+
+    def forward(self, idx, attention_mask=None, position_ids=None, cache=None, return_hidden=False):
+        """idx (B, T) token ids; attention_mask (B, T) 1 for real tokens, 0 for left padding;
+        position_ids (B, T), by default cumsum(mask) - 1; cache: a KVCache to extend by these T positions.
+        Returns logits (B, T, V), or the final hidden states (B, T, C) with return_hidden=True."""
+        B, T = idx.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if cache is None:
+            allowed = attention_allowed(attention_mask.bool(), torch.arange(T, device=idx.device))
+        else:
+            cache.key_mask[:, cache.pos:cache.pos + T] = attention_mask.bool()
+            allowed = attention_allowed(cache.key_mask, torch.arange(cache.pos, cache.pos + T, device=idx.device))
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, allowed, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- Hugging Face GPT-2 layout -------------------------------------------------------------------------
+    # HF stores these four as Conv1D weights, shaped (in, out): transpose them to and from nn.Linear.
+    _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    def save_pretrained(self, folder):
+        """Write `config.json` + `pytorch_model.bin` in Hugging Face's GPT-2 layout."""
+        os.makedirs(folder, exist_ok=True)
+        hf_cfg = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new",
+                      n_ctx=self.cfg.n_positions, **{k: v for k, v in asdict(self.cfg).items() if k != "dropout"},
+                      resid_pdrop=self.cfg.dropout, embd_pdrop=self.cfg.dropout, attn_pdrop=self.cfg.dropout)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+        sd = {k: (v.t() if k.endswith(self._CONV1D) else v).contiguous() for k, v in self.state_dict().items()}
+        from .checkpoint import atomic_save
+        atomic_save(sd, os.path.join(folder, "pytorch_model.bin"))
+
+    @classmethod
+    def from_pretrained(cls, folder, dropout=0.0):
+        """Load a local Hugging Face GPT-2 folder (config.json + pytorch_model.bin or model.safetensors)."""
+        with open(os.path.join(folder, "config.json")) as f:
+            hf_cfg = json.load(f)
+        names = {f.name for f in fields(GPTConfig)}
+        cfg = GPTConfig(**{k: v for k, v in hf_cfg.items() if k in names and k != "dropout"}, dropout=dropout)
+        st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+        if os.path.exists(bin_path):
+            sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+        elif os.path.exists(st_path):
+            from safetensors.torch import load_file  # optional dependency, only for this format
+            sd = load_file(st_path)
+        else:
+            raise FileNotFoundError(f"{folder}: neither pytorch_model.bin nor model.safetensors")
+        model = cls(cfg)
+        ours = model.state_dict()
+        loaded = {}
+        for k, v in sd.items():
+            if k.endswith((".attn.bias", ".attn.masked_bias")):
+                continue  # HF's causal-mask buffers, not parameters
+            key = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model has no prefix
+            if key not in ours:
+                raise ValueError(f"{folder}: unexpected tensor {k!r}")
+            v = v.t() if key.endswith(cls._CONV1D) else v
+            if v.shape != ours[key].shape:
+                raise ValueError(f"{folder}: {k!r} has shape {tuple(v.shape)}, config needs {tuple(ours[key].shape)}")
+            loaded[key] = v
+        loaded.setdefault("lm_head.weight", loaded["transformer.wte.weight"])
+        missing = set(ours) - set(loaded)
+        if missing:
+            raise ValueError(f"{folder}: missing tensors {sorted(missing)[:5]}")
+        model.load_state_dict(loaded)
+        return model
+
+
+class ScalarModel(nn.Module):
+    """Backbone + Linear(d, 1): one scalar per position. Reward model and critic."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+        d = gpt.cfg.n_embd
+        self.head = nn.Linear(d, 1)
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))  # ALGORITHMS.md §1
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx, attention_mask=None, position_ids=None, return_hidden=False):
+        h = self.gpt(idx, attention_mask, position_ids, return_hidden=True)  # (B, T, C)
+        values = self.head(h).squeeze(-1)  # (B, T)
+        return (values, h) if return_hidden else values

@@ -1,0 +1,47 @@
+"""Where training text comes from: an embedded task (with a gold judge) or an HH-RLHF-style file (without)."""
+import os
+
+from .data import load_hh_pairs
+from .tasks import get_task
+from .tokenizer import Tokenizer, gpt2_bpe, train_bpe
+
+
+class TaskSource:
+    """An embedded task: unlimited demonstrations, gold labels, gold evaluation."""
+    has_gold = True
+
+    def __init__(self, cfg):
+        self.task = get_task(cfg.task)
+        self.name = self.task.name
+        self.tokenizer = self.task.tokenizer
+        self.n_positions = cfg.block_size
+
+    def demonstrations(self, n, rng):
+        return [(p, self.task.demonstrate(p, rng)) for p in self.task.sample_prompts(n, rng, "sft")]
+
+
+class FileSource:
+    """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are held out."""
+    has_gold = False
+
+    def __init__(self, cfg):
+        pairs = load_hh_pairs(cfg.data)
+        n_held = max(1, len(pairs) // 10)
+        self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
+        self.name = os.path.basename(cfg.data)
+        saved = os.path.join(cfg.out_dir, "tokenizer.json")
+        if os.path.exists(saved):  # later stages must reuse the exact vocabulary SFT was trained with
+            self.tokenizer = Tokenizer.load(saved)
+        elif cfg.tokenizer:
+            self.tokenizer = gpt2_bpe(os.path.join(cfg.tokenizer, "vocab.json"),
+                                      os.path.join(cfg.tokenizer, "merges.txt"))
+        else:
+            self.tokenizer = train_bpe((t for pair in pairs for t in pair), cfg.bpe_vocab)
+        self.n_positions = cfg.block_size
+
+    def demonstrations(self, n, rng):
+        return [(p, c) for p, c, _ in (rng.choice(self.train_pairs) for _ in range(n))]
+
+
+def get_source(cfg):
+    return FileSource(cfg) if cfg.data else TaskSource(cfg)

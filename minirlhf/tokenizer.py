@@ -1,0 +1,71 @@
+"""Tokenizers built with the `tokenizers` library: word-level for the embedded tasks, byte-level BPE for text.
+
+Every tokenizer has dedicated PAD, BOS and EOS tokens (PAD != EOS: padding must never look like a finished
+response). `Tokenizer` is a thin wrapper that knows their ids.
+"""
+import json
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+        self.pad_id, self.bos_id, self.eos_id = (tok.token_to_id(t) for t in (PAD, BOS, EOS))
+        if None in (self.pad_id, self.bos_id, self.eos_id):
+            raise ValueError(f"tokenizer lacks one of the special tokens {SPECIALS[:3]}")
+        self.vocab_size = tok.get_vocab_size()
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        """Decode keeping EOS (a response is finished iff its text ends with the EOS word) and dropping PAD."""
+        return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=False)
+
+    def save(self, path):
+        self.tok.save(path)
+
+    @classmethod
+    def load(cls, path):
+        return cls(HFTokenizer.from_file(path))
+
+
+def word_tokenizer(words):
+    """Whitespace-separated words, one id each; specials first so PAD is id 0."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tok.add_special_tokens(SPECIALS)
+    return Tokenizer(tok)
+
+
+def _byte_level(tok):
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    return Tokenizer(tok)
+
+
+def train_bpe(texts, vocab_size=4096):
+    """Byte-level BPE trained on an iterable of strings."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return _byte_level(tok)
+
+
+def gpt2_bpe(vocab_json, merges_txt):
+    """GPT-2's byte-level BPE from its vocab.json / merges.txt; our specials are appended after its 50257 ids."""
+    with open(vocab_json) as f:
+        vocab = json.load(f)
+    with open(merges_txt) as f:
+        merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line.strip()]  # line 0: #version
+    return _byte_level(HFTokenizer(models.BPE(vocab, merges)))

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from minirlhf.generate import generate, left_pad, response_mask, sequence_logprobs
+from minirlhf.model import GPT, GPTConfig, KVCache, ScalarModel
+
+
+def tiny(vocab=23, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab, n_positions=48, n_embd=32, n_layer=2, n_head=4)).eval()
+
+
+def test_kv_cache_decode_equals_full_forward():
+    model = tiny()
+    ids = torch.randint(0, 23, (3, 12))
+    full = model(ids)
+    cache = KVCache(model.cfg, 3, 12, "cpu", torch.float32)
+    steps = [model(ids[:, :5], cache=cache)]  # prefill 5, then decode one token at a time
+    for t in range(5, 12):
+        steps.append(model(ids[:, t:t + 1], position_ids=torch.full((3, 1), t), cache=cache))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padding_equals_each_row_alone():
+    model = tiny()
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    ids, mask = left_pad(rows, pad_id=0)
+    batch_logits = model(ids, mask)
+    resp, _, _ = generate(model, ids, mask, 6, eos_id=1, pad_id=0, greedy=True, stop_early=False)
+    for i, r in enumerate(rows):
+        alone = model(torch.tensor([r]))
+        torch.testing.assert_close(batch_logits[i, -len(r):], alone[0], atol=1e-5, rtol=0)
+        r_alone, _, _ = generate(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long), 6,
+                                 eos_id=1, pad_id=0, greedy=True, stop_early=False)
+        assert resp[i].tolist() == r_alone[0].tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sequence_logprobs_match_generation(temperature):
+    model = tiny()
+    ids, mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12], [13]], pad_id=0)
+    g = torch.Generator().manual_seed(0)
+    resp, logp, rmask = generate(model, ids, mask, 10, eos_id=1, pad_id=0, temperature=temperature, generator=g)
+    again = sequence_logprobs(model, ids, mask, resp, rmask, temperature=temperature)
+    torch.testing.assert_close(again, logp * rmask, atol=1e-5, rtol=0)
+
+
+def test_generation_is_reproducible_and_stops_at_eos():
+    model = tiny()
+    ids, mask = left_pad([[5, 6], [7, 8, 9]], pad_id=0)
+    out = [generate(model, ids, mask, 30, eos_id=3, pad_id=0, generator=torch.Generator().manual_seed(1))[0]
+           for _ in range(2)]
+    assert torch.equal(out[0], out[1])
+    resp = out[0]
+    for row in resp.tolist():
+        if 3 in row:  # everything after the first EOS is padding
+            assert all(t == 0 for t in row[row.index(3) + 1:])
+
+
+def test_top_k_one_is_greedy():
+    model = tiny()
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    greedy, _, _ = generate(model, ids, mask, 8, eos_id=1, pad_id=0, greedy=True, stop_early=False)
+    topk, _, _ = generate(model, ids, mask, 8, eos_id=1, pad_id=0, top_k=1, stop_early=False)
+    nucleus, _, _ = generate(model, ids, mask, 8, eos_id=1, pad_id=0, top_p=1e-6, stop_early=False)
+    assert torch.equal(greedy, topk) and torch.equal(greedy, nucleus)
+
+
+def test_response_mask_includes_first_eos_only():
+    r = torch.tensor([[4, 5, 2, 0, 0], [4, 4, 4, 4, 4], [2, 0, 0, 0, 0]])
+    assert response_mask(r, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+def test_hf_layout_round_trip(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # HF Conv1D layout: (in, out)
+    loaded = GPT.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 23, (2, 9))
+    torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_from_pretrained_rejects_wrong_shapes(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    sd["transformer.wpe.weight"] = torch.zeros(7, 32)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="wpe.weight"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_double_backward_through_math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = tiny()
+    ids = torch.randint(0, 23, (2, 6))
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss = model(ids).logsumexp(-1).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+        second = torch.autograd.grad(sum((g ** 2).sum() for g in grads), model.transformer.wte.weight)[0]
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
+def test_scalar_model_shapes():
+    rm = ScalarModel(tiny())
+    values, h = rm(torch.randint(0, 23, (2, 5)), return_hidden=True)
+    assert values.shape == (2, 5) and h.shape == (2, 5, 32)

@@ -1,0 +1,105 @@
+"""Stage 1 of RLHF: supervised fine-tuning on demonstrations.
+
+    python train_sft.py                     # the embedded `reviews` task, CPU-sized
+    python train_sft.py --preset=smoke      # seconds
+    python train_sft.py --task=arith --sft_steps=800
+
+Next-token loss on the response tokens only (prompt tokens masked), EOS appended to every demonstration.
+Writes out_dir/sft.pt (atomically), tokenizer.json, sft_metrics.jsonl and summary.json.
+"""
+import os
+import random
+import statistics
+
+import torch
+from tqdm import tqdm
+
+from minirlhf.checkpoint import load_model, save_model
+from minirlhf.config import parse_args
+from minirlhf.data import decode_responses, encode_prompts, encode_responses
+from minirlhf.generate import generate, sequence_logprobs
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.runtime import Metrics, autocast, check_finite, cosine_lr, print_table, setup, write_summary
+from minirlhf.sources import get_source
+
+
+def build_policy(cfg, source):
+    return GPT(GPTConfig(vocab_size=source.tokenizer.vocab_size, n_positions=source.n_positions,
+                         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout))
+
+
+def sft_loss(model, tok, prompts, responses, max_new_tokens, device):
+    """Mean negative log-likelihood of the response tokens (EOS included), prompt tokens masked."""
+    p, pm = encode_prompts(tok, prompts, device, max_len=model.cfg.n_positions - max_new_tokens)
+    r, rm = encode_responses(tok, responses, max_new_tokens, device)
+    logp = sequence_logprobs(model, p, pm, r, rm)  # (B, N), 0 on padding
+    return -logp.sum() / rm.sum()
+
+
+@torch.no_grad()
+def sample(model, source, prompts, cfg, device, generator=None, temperature=None):
+    """Responses (text) of the model to `prompts`, pure sampling at cfg.temperature."""
+    tok = source.tokenizer
+    p, pm = encode_prompts(tok, prompts, device, max_len=model.cfg.n_positions - cfg.max_new_tokens)
+    r, _, rm = generate(model, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                        temperature=temperature or cfg.temperature, generator=generator)
+    return decode_responses(tok, r, rm)
+
+
+def run(cfg):
+    device = setup(cfg)
+    source = get_source(cfg)
+    tok = source.tokenizer
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+    model = build_policy(cfg, source).to(device)
+    print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, {cfg.sft_steps} steps x {cfg.sft_batch}")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    metrics = Metrics(cfg.out_dir, "sft_metrics")
+    rng = random.Random(cfg.seed)
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="sft", mininterval=1.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, cfg.sft_steps, cfg.sft_lr, cfg.warmup)
+        prompts, responses = zip(*source.demonstrations(cfg.sft_batch, rng))
+        with autocast(cfg, device):
+            loss = sft_loss(model, tok, prompts, responses, cfg.max_new_tokens, device)
+        check_finite(loss, "SFT", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        metrics.log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    path = os.path.join(cfg.out_dir, "sft.pt")
+    save_model(path, model, source=source.name)
+    summary = {"final_loss": loss.item(), "params": model.num_params()}
+    if source.has_gold:  # compare the SFT policy with the demonstrator it imitates, on held-out prompts
+        eval_rng = random.Random(cfg.seed + 1)
+        prompts = source.task.sample_prompts(cfg.eval_prompts, eval_rng, "eval")
+        demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id]) for p in prompts]
+        samples = sample(model, source, prompts, cfg, device, torch.Generator(device).manual_seed(cfg.seed))
+        gold = [source.task.gold(p, s) for p, s in zip(prompts, samples)]
+        summary.update(sft_gold=statistics.mean(gold),
+                       demo_gold=statistics.mean(source.task.gold(p, d) for p, d in zip(prompts, demos)))
+        print(f"gold reward on {len(prompts)} held-out prompts: SFT policy {summary['sft_gold']:.3f}, "
+              f"demonstrator {summary['demo_gold']:.3f}")
+        print_table([dict(prompt=p, response=s, gold=g) for p, s, g in list(zip(prompts, samples, gold))[:6]],
+                    ["prompt", "response", "gold"])
+    write_summary(cfg, "sft", summary)
+    print(f"saved {path} (final loss {loss.item():.3f})")
+    return path
+
+
+def ensure_sft(cfg):
+    """The SFT checkpoint of this out_dir, training it first if it is missing."""
+    path = os.path.join(cfg.out_dir, "sft.pt")
+    if not os.path.exists(path):
+        run(cfg)
+    return load_model(path)[0]
+
+
+if __name__ == "__main__":
+    run(parse_args())
