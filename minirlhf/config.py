@@ -40,7 +40,7 @@ class Config:
     dropout: float = 0.0
     """Dropout during SFT/RM training (always off at RL time)."""
     # ---- SFT ----
-    sft_steps: int = 500
+    sft_steps: int = 400
     """SFT optimizer steps."""
     sft_batch: int = 64
     """SFT batch size (demonstrations per step)."""
@@ -78,7 +78,7 @@ class Config:
     # ---- PPO ----
     method: str = "ppo"
     """train_ppo.py: 'ppo' (PPO against the proxy) or 'bon' (best-of-n curve only)."""
-    iters: int = 100
+    iters: int = 60
     """PPO iterations (one rollout batch each)."""
     rollout_batch: int = 64
     """Prompts per PPO iteration."""
@@ -112,11 +112,11 @@ class Config:
     """Response length limit."""
     no_eos_penalty: float = -1.0
     """Reward given instead of the RM score to a response that never emitted EOS."""
-    eval_every: int = 10
+    eval_every: int = 5
     """Evaluate with the gold judge every this many PPO iterations."""
     eval_prompts: int = 256
     """Held-out prompts in each evaluation."""
-    sample_every: int = 50
+    sample_every: int = 20
     """Print a table of samples every this many iterations."""
     bon_max: int = 256
     """Largest n in the best-of-n curve."""

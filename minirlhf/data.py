@@ -5,6 +5,7 @@ Layout (see generate.py): prompts left-padded and preceded by BOS; responses rig
 import gzip
 import json
 import math
+import os
 
 import torch
 
@@ -53,10 +54,12 @@ class DataError(ValueError):
 
 
 def _split_dialogue(chosen, rejected):
-    """HH-RLHF pairs are whole dialogues sharing everything up to the last '\\n\\nAssistant:'."""
+    """HH-RLHF pairs are dialogues that agree up to some '\\n\\nAssistant:' turn: the prompt is their common text up
+    to the last such marker, the responses are the rest of each (occasionally several turns long)."""
     marker = "\n\nAssistant:"
-    cut = chosen.rfind(marker)
-    if cut < 0 or not rejected.startswith(chosen[:cut + len(marker)]):
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(marker)
+    if cut < 0:
         return None
     cut += len(marker)
     return chosen[:cut], chosen[cut:], rejected[cut:]

@@ -55,6 +55,14 @@ class Metrics:
         if fresh and os.path.exists(self.path):
             os.remove(self.path)
 
+    def truncate(self, keep):
+        """Keep only the rows for which keep(row) is true (a resumed run replays the rest)."""
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                rows = [line for line in f if keep(json.loads(line))]
+            with open(self.path, "w") as f:
+                f.writelines(rows)
+
     def log(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")

@@ -1,0 +1,83 @@
+"""Judging a policy with the task's gold reward: what really got better, and how far the proxy drifted from it."""
+import math
+
+import numpy as np
+import torch
+
+from .data import decode_responses, encode_prompts
+from .generate import generate, sequence_logprobs
+from .reward import score_any
+
+
+@torch.no_grad()
+def rollout_texts(policy, ref, rm, tok, prompts, cfg, device, generator, batch=256):
+    """Sample one response per prompt; returns texts, proxy scores, KL to ref (sum of k1 over tokens) and
+    lengths, as numpy arrays (texts a list)."""
+    texts, proxy, kl, length = [], [], [], []
+    for i in range(0, len(prompts), batch):
+        p, pm = encode_prompts(tok, prompts[i:i + batch], device, max_len=cfg.block_size - cfg.max_new_tokens)
+        r, logp, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                                  temperature=cfg.temperature, generator=generator)
+        ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)
+        texts += decode_responses(tok, r, rmask)
+        proxy.append(score_any(rm, p, pm, r, rmask).float().cpu())
+        kl.append(((logp - ref_logp) * rmask).sum(-1).cpu())
+        length.append(rmask.sum(-1).cpu())
+    return texts, torch.cat(proxy).numpy(), torch.cat(kl).numpy(), torch.cat(length).numpy()
+
+
+def win_tie_lose(gold, baseline_gold):
+    """Per-prompt comparison of gold rewards; win-rate counts a tie as half."""
+    gold, base = np.asarray(gold), np.asarray(baseline_gold)
+    win, tie = float((gold > base).mean()), float((gold == base).mean())
+    return {"win": win, "tie": tie, "lose": 1 - win - tie, "win_rate": win + tie / 2}
+
+
+def evaluate(policy, ref, rm, task, tok, prompts, sft_gold, cfg, device, generator):
+    """Two samples per held-out prompt, judged by the gold reward and by the proxy RM.
+
+    sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Returns a flat dict of metrics; the RM is
+    normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
+    a, proxy_a, kl, length = rollout_texts(policy, ref, rm, tok, prompts, cfg, device, generator)
+    b, proxy_b, _, _ = rollout_texts(policy, ref, rm, tok, prompts, cfg, device, generator)
+    gold_a = np.array([task.gold(p, y) for p, y in zip(prompts, a)])
+    gold_b = np.array([task.gold(p, y) for p, y in zip(prompts, b)])
+    decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
+    rm_acc = float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any() else float("nan")
+    wtl = win_tie_lose(gold_a, sft_gold)
+    return {"eval/gold": float(gold_a.mean()), "eval/proxy": float(proxy_a.mean()), "eval/kl": float(kl.mean()),
+            "eval/length": float(length.mean()), "eval/eos_rate": float(np.mean([y.endswith("<eos>") for y in a])),
+            "eval/win_rate": wtl["win_rate"], "eval/win": wtl["win"], "eval/tie": wtl["tie"],
+            "eval/lose": wtl["lose"], "eval/rm_acc_policy_pairs": rm_acc,
+            "eval/proxy_gold_corr": _corr(proxy_a, gold_a),
+            "eval/proxy_diff_std": float(np.std(proxy_a - proxy_b)),
+            "eval/gold_diff_std": float(np.std(gold_a - gold_b)),
+            "samples": list(zip(prompts[:8], a[:8], proxy_a[:8].tolist(), gold_a[:8].tolist()))}
+
+
+def _corr(x, y):
+    return float(np.corrcoef(x, y)[0, 1]) if np.std(x) > 0 and np.std(y) > 0 else float("nan")
+
+
+def best_of_n_curve(proxy, gold, ns):
+    """Expected gold of best-of-n (pick the highest-proxy of n samples) for each n, from N >= n samples per prompt
+    without bias (Nakano et al. 2021): with samples sorted by proxy, the i-th smallest (1-based) is the best of a
+    random n-subset with probability C(i-1, n-1) / C(N, n). proxy, gold: (prompts, N). Returns [(n, kl, gold)],
+    with the analytic KL(best-of-n || pi) = log n - (n - 1) / n."""
+    proxy, gold = np.asarray(proxy), np.asarray(gold)
+    N = proxy.shape[1]
+    order = np.argsort(proxy, axis=1, kind="stable")
+    gold_sorted = np.take_along_axis(gold, order, axis=1)  # (P, N), ascending proxy
+    i = np.arange(1, N + 1)
+    out = []
+    for n in ns:
+        log_w = np.full(N, -np.inf)
+        ok = i >= n
+        log_w[ok] = _log_comb(i[ok] - 1, n - 1) - _log_comb(N, n)
+        out.append((n, math.log(n) - (n - 1) / n, float((gold_sorted @ np.exp(log_w)).mean())))
+    return out
+
+
+def _log_comb(n, k):
+    lg = np.vectorize(math.lgamma)
+    return lg(np.asarray(n) + 1) - lg(np.asarray(k) + 1) - lg(np.asarray(n) - np.asarray(k) + 1)

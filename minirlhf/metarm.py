@@ -1,0 +1,71 @@
+"""MetaRM (Dou et al. 2024): keep the RM able to tell the current policy's samples apart. ALGORITHMS.md §3.
+
+One meta step (first-order, as the authors implemented it):
+    theta' = theta + eta * grad J(X_s)          (plain ascent on the difference objective; optimizer untouched)
+    g      = grad_theta' L_R(X_t; theta')        (Bradley-Terry loss on labelled pairs, at the shifted weights)
+    theta  <- optimizer step from theta with g
+"""
+import math
+
+import torch
+from torch.func import functional_call
+
+from .reward import bt_loss, score
+
+
+def difference_objective(rewards):
+    """J = mean over prompts of (2 / k^2) * sum_{i<j} sigmoid(|r_i - r_j|), rewards (m prompts, k samples).
+    Maximised: it grows as the RM spreads a prompt's samples apart. Range [(k-1)/(2k), (k-1)/k)."""
+    k = rewards.shape[1]
+    i, j = torch.triu_indices(k, k, offset=1, device=rewards.device)
+    return (2 / k ** 2 * torch.sigmoid((rewards[:, i] - rewards[:, j]).abs()).sum(-1)).mean()
+
+
+def _pref_loss(rm, pref_batch):
+    """BT loss of an encoded pair batch (prompt, prompt_mask, resp, resp_mask): chosen rows first, then rejected."""
+    rc, rr = score(rm, *pref_batch).chunk(2)
+    return bt_loss(rc, rr)
+
+
+def meta_step(rm, optimizer, pref_batch, meta_batch, eta, k, grad_clip=None):
+    """One first-order MetaRM step. meta_batch: encoded (m * k) policy samples, prompt-major (k per prompt).
+    Returns J at theta and at theta', the BT loss at theta', and ||theta' - theta||."""
+    params = [p for p in rm.parameters() if p.requires_grad]
+    backup = [p.detach().clone() for p in params]
+    J = difference_objective(score(rm, *meta_batch).view(-1, k))
+    grads = torch.autograd.grad(J, params, allow_unused=True)
+    with torch.no_grad():  # theta' = theta + eta * grad J: a plain step, the optimizer state is not involved
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.add_(g, alpha=eta)
+        shift = math.sqrt(sum(float((eta * g).pow(2).sum()) for g in grads if g is not None))
+        J_shifted = difference_objective(score(rm, *meta_batch).view(-1, k)).item() if eta else J.item()
+    loss = _pref_loss(rm, pref_batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # p.grad = grad of L_R at theta'
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)  # back to theta; the gradient stays in p.grad
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return {"J": J.item(), "J_shifted": J_shifted, "loss": loss.item(), "shift_norm": shift}
+
+
+def meta_step_second_order(rm, optimizer, pref_batch, meta_batch, eta, k, grad_clip=None):
+    """NOT what the paper ran: differentiates L_R(theta + eta * grad J(theta)) through the inner step (a
+    Hessian-vector product). Needs the math attention path: wrap calls in
+    `torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`."""
+    names = [n for n, p in rm.named_parameters() if p.requires_grad]
+    params = [p for p in rm.parameters() if p.requires_grad]
+    J = difference_objective(score(rm, *meta_batch).view(-1, k))
+    grads = torch.autograd.grad(J, params, create_graph=True, allow_unused=True)
+    shifted = {n: p + eta * g if g is not None else p for n, p, g in zip(names, params, grads)}
+    loss = _pref_loss(lambda *a, **kw: functional_call(rm, shifted, a, kw), pref_batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    shift = math.sqrt(sum(float((eta * g.detach()).pow(2).sum()) for g in grads if g is not None))
+    return {"J": J.item(), "loss": loss.item(), "shift_norm": shift}

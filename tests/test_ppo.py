@@ -1,0 +1,111 @@
+import math
+
+import numpy as np
+import torch
+
+from minirlhf import ppo
+from minirlhf.evaluate import best_of_n_curve, win_tie_lose
+
+
+def test_gae_hand_computed_three_tokens():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3]])
+    mask = torch.ones(1, 3)
+    gamma, lam = 1.0, 0.5
+    d2 = 1.0 + 0 - 0.3  # last token: V(after) = 0
+    d1 = 0.0 + 0.3 - 0.4
+    d0 = 0.0 + 0.4 - 0.5
+    a2, a1 = d2, d1 + gamma * lam * d2
+    a0 = d0 + gamma * lam * a1
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2]]))
+    torch.testing.assert_close(ret, adv + values)
+
+
+def test_gae_matches_naive_double_loop_with_padding():
+    torch.manual_seed(0)
+    B, N, gamma, lam = 4, 7, 0.9, 0.8
+    rewards, values = torch.randn(B, N), torch.randn(B, N)
+    lengths = [7, 3, 1, 5]
+    mask = torch.tensor([[1.0] * n + [0.0] * (N - n) for n in lengths])
+    rewards = rewards * mask
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        v = values[b, :n].tolist() + [0.0]  # value after the last real token is 0
+        for t in range(n):
+            expected = sum((gamma * lam) ** (k - t) * (rewards[b, k].item() + gamma * v[k + 1] - v[k])
+                           for k in range(t, n))
+            assert math.isclose(adv[b, t].item(), expected, rel_tol=1e-5, abs_tol=1e-5)
+            assert math.isclose(ret[b, t].item(), expected + v[t], rel_tol=1e-5, abs_tol=1e-5)
+        assert (adv[b, n:] == 0).all() and (ret[b, n:] == 0).all()
+
+
+def test_masked_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).float()
+    w = ppo.masked_whiten(x, mask)
+    valid = w[mask.bool()]
+    assert abs(valid.mean().item()) < 1e-6
+    assert abs(valid.var(unbiased=False).item() - 1) < 1e-4
+    assert (w[~mask.bool()] == 0).all()
+    kept = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()]
+    assert abs(kept.mean().item() - x[mask.bool()].mean().item()) < 1e-5
+
+
+def test_shaped_rewards_put_score_on_last_real_token():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0, -9.0], [-0.5, -1.0, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).float()
+    rewards, kl = ppo.shaped_rewards(torch.tensor([10.0, 20.0]), logp, ref, mask, kl_coef=0.1)
+    expected = -0.1 * (logp - ref) * mask
+    expected[0, 2] += 10.0
+    expected[1, 1] += 20.0
+    torch.testing.assert_close(rewards, expected)
+    assert (rewards[mask == 0] == 0).all() and (kl[mask == 0] == 0).all()
+
+
+def test_unfinished_response_gets_penalty():
+    r = ppo.sequence_reward(torch.tensor([3.0, 3.0]), torch.tensor([True, False]), -1.0)
+    assert r.tolist() == [3.0, -1.0]
+
+
+def test_adaptive_kl_controller():
+    ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    ctl.update(current_kl=12.0, n_steps=100)  # error clipped to +0.2
+    assert math.isclose(ctl.value, 0.1 * (1 + 0.2 * 100 / 10000))
+    ctl.update(current_kl=5.0, n_steps=100)  # error -1/6
+    assert math.isclose(ctl.value, 0.1 * (1 + 0.2 * 0.01) * (1 - (1 / 6) * 0.01))
+    fixed = ppo.FixedKLController(0.05)
+    fixed.update(100.0, 100)
+    assert fixed.value == 0.05
+
+
+def test_policy_loss_clips():
+    adv = torch.tensor([[1.0, -1.0]])
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratio 1.5 (clipped to 1.2 for A>0), 0.5 (clipped to 0.8, A<0)
+    loss, stats = ppo.policy_loss(new, old, adv, torch.ones(1, 2), clip=0.2)
+    assert math.isclose(loss.item(), (-1.2 + 0.8) / 2, rel_tol=1e-6)
+    assert stats["ppo/policy/clipfrac"] == 1.0
+
+
+def test_value_loss_clipped():
+    v, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    loss, _ = ppo.value_loss(v, old, ret, torch.ones(1, 1), clip=0.2)
+    assert math.isclose(loss.item(), 0.5 * (0.2 - 1.0) ** 2, rel_tol=1e-6)  # the clipped error is the larger
+
+
+def test_win_tie_lose():
+    w = win_tie_lose([3, 1, 2, 0], [1, 1, 5, -1])
+    assert (w["win"], w["tie"], w["lose"], w["win_rate"]) == (0.5, 0.25, 0.25, 0.625)
+
+
+def test_best_of_n_estimator_matches_brute_force():
+    rng = np.random.default_rng(0)
+    proxy, gold = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+    from itertools import combinations
+    for n, kl, est in best_of_n_curve(proxy, gold, [1, 2, 3, 6]):
+        brute = np.mean([np.mean([gold[p, max(c, key=lambda i: proxy[p, i])] for c in combinations(range(6), n)])
+                         for p in range(3)])
+        assert math.isclose(est, brute, rel_tol=1e-9)
+        assert math.isclose(kl, math.log(n) - (n - 1) / n)

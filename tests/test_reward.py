@@ -1,0 +1,108 @@
+import gzip
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from minirlhf.data import DataError, load_hh_pairs
+from minirlhf.generate import left_pad
+from minirlhf.model import GPT, GPTConfig, ScalarModel
+from minirlhf.reward import Ensemble, bt_loss, last_token_index, normalize, pairwise_accuracy, score
+
+HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "helpful-base",
+                  "test.jsonl.gz")
+
+
+def test_bt_loss_and_accuracy_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
+    expected = -(math.log(1 / (1 + math.exp(-2))) + math.log(1 / (1 + math.exp(1))) + math.log(0.5)) / 3
+    assert math.isclose(bt_loss(rc, rr).item(), expected, rel_tol=1e-6)
+    assert pairwise_accuracy(rc, rr) == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def tiny_rm():
+    torch.manual_seed(0)
+    return ScalarModel(GPT(GPTConfig(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2))).eval()
+
+
+def test_score_reads_last_real_token_under_any_padding():
+    rm = tiny_rm()
+    prompts, pm = left_pad([[5, 6, 7], [8]], pad_id=0)
+    resp = torch.tensor([[9, 10, 2, 0], [11, 2, 0, 0]])
+    rmask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert last_token_index(torch.cat([pm, rmask], 1)).tolist() == [5, 4]
+    s = score(rm, prompts, pm, resp, rmask)
+    for i, (p, r) in enumerate([([5, 6, 7], [9, 10, 2]), ([8], [11, 2])]):
+        alone = rm(torch.tensor([p + r]))[0, -1]  # no padding at all: the last position is the EOS
+        assert torch.allclose(s[i], alone, atol=1e-5)
+
+
+def test_normalize_gives_zero_mean_unit_std():
+    rm = tiny_rm()
+    ids = torch.randint(1, 20, (16, 6))
+    r = score(rm, ids[:, :2], torch.ones(16, 2, dtype=torch.long), ids[:, 2:], torch.ones(16, 4, dtype=torch.long))
+    normalize(rm, r)
+    r2 = score(rm, ids[:, :2], torch.ones(16, 2, dtype=torch.long), ids[:, 2:], torch.ones(16, 4, dtype=torch.long))
+    assert abs(r2.mean().item()) < 1e-5 and abs(r2.std().item() - 1) < 1e-4
+
+
+def test_ensemble_mean_and_min():
+    a, b = tiny_rm(), tiny_rm()
+    torch.nn.init.constant_(b.head.bias, 5.0)
+    batch = (torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([[5, 2]]),
+             torch.ones(1, 2, dtype=torch.long))
+    ra, rb = score(a, *batch), score(b, *batch)
+    assert torch.allclose(Ensemble([a, b], "mean").score(*batch), (ra + rb) / 2)
+    assert torch.allclose(Ensemble([a, b], "min").score(*batch), torch.minimum(ra, rb))
+
+
+def write_jsonl(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def pair(c="fine", r="go away", prefix="\n\nHuman: hi\n\nAssistant:"):
+    return json.dumps({"chosen": prefix + " " + c, "rejected": prefix + " " + r})
+
+
+def test_hh_loader_splits_prompt_and_responses(tmp_path):
+    p = tmp_path / "ok.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write(pair() + "\n" + pair("sure", "no", "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:") + "\n")
+    pairs = load_hh_pairs(p)
+    assert pairs[0] == ("\n\nHuman: hi\n\nAssistant:", " fine", " go away")
+    assert pairs[1][0].endswith("c\n\nAssistant:") and pairs[1][1:] == (" sure", " no")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", r"bad\.jsonl:2: malformed JSON"),
+    (json.dumps({"chosen": "\n\nHuman: x\n\nAssistant: y"}), r"bad\.jsonl:2: missing field 'rejected'"),
+    (json.dumps({"chosen": 3, "rejected": "x"}), r"bad\.jsonl:2: field 'chosen' must be a string"),
+    (json.dumps({"chosen": "no turns", "rejected": "x"}), r"bad\.jsonl:2: field 'chosen'"),
+    (json.dumps([1, 2]), r"bad\.jsonl:2: expected a JSON object"),
+])
+def test_hh_loader_names_file_line_and_field(tmp_path, bad, message):
+    p = tmp_path / "bad.jsonl"
+    write_jsonl(p, [pair(), bad])
+    with pytest.raises(DataError, match=message):
+        load_hh_pairs(p)
+
+
+def test_hh_loader_invalid_utf8_and_empty(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(pair().encode() + b"\n" + b'{"chosen": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid UTF-8"):
+        load_hh_pairs(p)
+    e = tmp_path / "empty.jsonl"
+    e.write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: empty file"):
+        load_hh_pairs(e)
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="../shared/data/hh-rlhf not present")
+def test_real_hh_rlhf_file_loads():
+    pairs = load_hh_pairs(HH)
+    assert len(pairs) > 2000
+    assert all(p.endswith("Assistant:") for p, _, _ in pairs[:100])
