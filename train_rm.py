@@ -8,6 +8,7 @@ Initialises from out_dir/sft.pt (training SFT first if missing). Loss: Bradley-T
 noisy labels and on clean gold labels, then normalises the RM to mean 0 / std 1 on SFT samples and saves
 out_dir/rm.pt (ensemble members 1.. as rm_1.pt, ...).
 """
+import json
 import os
 import random
 import statistics
@@ -15,7 +16,7 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from minirlhf.checkpoint import load_model, save_model
+from minirlhf.checkpoint import atomic_write_json, load_model, save_model
 from minirlhf.config import parse_args
 from minirlhf.data import encode_prompts, encode_responses, gold_label
 from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from, score, score_any
@@ -94,12 +95,15 @@ def bt_step(rm, opt, tok, batch, cfg, device):
     return {"loss": loss.item(), "acc": pairwise_accuracy(rc, rr)}
 
 
-def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=bt_step, desc="rm"):
+def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=bt_step, aux=None, desc="rm"):
     """A fresh RM from the SFT weights, trained on `pairs` for `epochs`. `step_fn(rm, opt, tok, batch, cfg,
-    device) -> dict` does one update: refine.py swaps in the RLP and MetaRM steps here."""
+    device) -> dict` does one update: refine.py swaps in the RLP and MetaRM steps here. `aux`, a module trained
+    jointly with the RM (RLP-UML's encoder and critic), is reachable as `rm.aux` and thrown away afterwards."""
     torch.manual_seed(seed)
     rm = reward_model_from(sft).to(device)
     rm.gpt.set_dropout(cfg.dropout)
+    if aux is not None:
+        rm.aux = aux.to(device)
     rm.train()
     opt = torch.optim.AdamW(rm.parameters(), lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
     rng = random.Random(seed)
@@ -119,6 +123,8 @@ def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=
         check_finite(torch.tensor(stats["loss"]), desc, step)
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
     rm.gpt.set_dropout(0.0)
+    if aux is not None:
+        del rm.aux
     return rm.eval()
 
 
@@ -138,6 +144,8 @@ def run(cfg):
     sft = ensure_sft(cfg).to(device).eval()
     train, held_noisy, held_clean, sft_samples = preference_data(sft, source, cfg, device)
     norm_prompts = [p for p, _, _ in train][:len(sft_samples)]
+    atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean, norm_prompts=norm_prompts,
+                           sft_samples=sft_samples), os.path.join(cfg.out_dir, "preferences.json"))
     print(f"RM: {len(train)} training pairs, {len(held_noisy)} held-out pairs")
     metrics, results = Metrics(cfg.out_dir, "rm_metrics"), []
     for k in range(cfg.ensemble):
@@ -162,6 +170,13 @@ def run(cfg):
               f"shifted (T=1.5) sampler {summary['shifted_acc_gold_T1.5']:.3f}")
     write_summary(cfg, "rm", summary)
     return summary
+
+
+def load_preferences(cfg):
+    """The preference data D that train_rm.py used (refine.py retrains on exactly the same pairs)."""
+    with open(os.path.join(cfg.out_dir, "preferences.json")) as f:
+        prefs = json.load(f)
+    return {k: [tuple(x) for x in v] if k in ("train", "held_noisy", "held_clean") else v for k, v in prefs.items()}
 
 
 def load_rms(cfg, device):

@@ -77,7 +77,8 @@ class Config:
     """With --data and no --tokenizer: vocabulary size of the BPE trained on the file."""
     # ---- PPO ----
     method: str = "ppo"
-    """train_ppo.py: 'ppo' (PPO against the proxy) or 'bon' (best-of-n curve only)."""
+    """train_ppo.py: 'ppo' or 'bon' (best-of-n curve). refine.py: 'uml', 'spg', 'uml+spg', 'oracle', 'control',
+    'metarm', 'vanilla-rounds' (MetaRM with eta = 0) or 'eta-sweep'."""
     iters: int = 60
     """PPO iterations (one rollout batch each)."""
     rollout_batch: int = 64
@@ -120,6 +121,35 @@ class Config:
     """Print a table of samples every this many iterations."""
     bon_max: int = 256
     """Largest n in the best-of-n curve."""
+    # ---- RM refinement on policy samples (refine.py) ----
+    refine_prompts: int = 256
+    """Unlabelled prompts whose policy samples refine the RM (RLP's P, MetaRM's S_r)."""
+    n_samples: int = 10
+    """RLP: policy samples per unlabelled prompt (temperature 1.0)."""
+    uml_lambda: float = 0.5
+    """RLP-UML: weight lambda of the multi-view information-bottleneck loss L_M."""
+    mib_beta: float = 1.0
+    """RLP-UML: weight beta of the symmetrised KL in L_M (0 = the MVI ablation; ours, the paper has none)."""
+    z_dim: int = 64
+    """RLP-UML: size of the bottleneck representation z."""
+    spg_gamma: float = 0.5
+    """RLP-SPG: minimum self-consistency confidence (0 = the select-all ablation)."""
+    spg_rank: str = "cluster"
+    """RLP-SPG: 'cluster' (the paper) or 'rm' (ablation: RM-best vs RM-worst sample, no clustering)."""
+    rounds: int = 3
+    """MetaRM: refinement rounds (RM retrained, PPO continued, each round)."""
+    meta_k: int = 5
+    """MetaRM: policy samples per prompt in the difference objective."""
+    meta_prompts: int = 8
+    """MetaRM: prompts per meta batch X_s (k samples each)."""
+    meta_eta: float = 0.1
+    """MetaRM: gradient-ascent step eta on the difference objective (chosen by the eta sweep; see README)."""
+    meta_temp_delta: float = 0.2
+    """MetaRM: S_r is sampled at the PPO temperature plus this ('a little above')."""
+    meta_second_order: bool = False
+    """MetaRM: differentiate through the inner step (not what the paper ran; slower)."""
+    ood: bool = False
+    """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays in-distribution)."""
 
     @classmethod
     def field_docs(cls):

@@ -105,3 +105,22 @@ def test_config_parsing():
             parse_args([bad])
     docs = Config.field_docs()
     assert all(docs.get(f) for f in Config.__dataclass_fields__)  # every field documented
+
+
+@pytest.mark.parametrize("method", ["uml", "spg", "uml+spg", "oracle", "control"])
+def test_refine_rlp_smoke(smoke_dir, method):
+    import refine
+    result = refine.run(smoke_cfg(smoke_dir, f"--method={method}"))
+    assert 0 <= result["rm_after"]["rm_acc_policy_pairs"] <= 1
+    assert result["final"]["iter"] == 3
+    if "spg" in method:
+        assert "spg/acceptance" in result
+    assert os.path.exists(os.path.join(smoke_dir, f"ppo_{method}_metrics.jsonl"))
+
+
+@pytest.mark.parametrize("method", ["metarm", "vanilla-rounds"])
+def test_refine_metarm_smoke(smoke_dir, method):
+    import refine
+    rows = refine.run(smoke_cfg(smoke_dir, f"--method={method}", "--rounds=2", "--ood=True"))
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (rows[0]["shift_norm"] > 0) == (method == "metarm")
