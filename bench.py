@@ -7,6 +7,7 @@ Every ratio is measured within this one run (ours vs a baseline on the same mach
 of every generation path are checked equal before any timing is reported. The Hugging Face row appears when
 `transformers` is installed (it is not a dependency).
 """
+import random
 import resource
 import sys
 import tempfile
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 
 import train_ppo
 from minirlhf.config import parse_args
+from minirlhf.data import encode_prompts
 from minirlhf.generate import generate, left_pad
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.runtime import print_table
 from minirlhf.tasks import get_task
-from train_sft import sft_loss
 
 SIZES = {"default": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=64, n_positions=64),
          "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)}
@@ -159,9 +160,7 @@ def bench_ppo(device, cfg):
     policy.load_state_dict(sft.state_dict())
     critic = ScalarModel(GPT(sft.cfg)).to(device)
     opt_pi, opt_v = torch.optim.AdamW(policy.parameters(), lr=1e-5), torch.optim.AdamW(critic.parameters(), lr=1e-5)
-    import random
     prompts = task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
-    from minirlhf.data import encode_prompts
     p, pm = encode_prompts(tok, prompts, device)
     gen = torch.Generator(device).manual_seed(0)
     t_gen = timed(lambda: generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id, generator=gen), device)

@@ -16,21 +16,17 @@ import os
 import random
 import statistics
 
-import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minirlhf.checkpoint import load
-from minirlhf.config import parse_args
 from minirlhf.data import encode_prompts, encode_responses, gold_label
 from minirlhf.metarm import difference_objective, meta_step, meta_step_second_order
 from minirlhf.reward import bt_loss, pairwise_accuracy, score
 from minirlhf.rlp import MIBHead, mib_loss, synthetic_preferences
-from minirlhf.runtime import print_table, setup, write_summary
-from minirlhf.sources import get_source
-from train_ppo import summarize, train_ppo
-from train_rm import (encode_pairs, ensure_rm, load_preferences, normalize_on, pair_rewards, rm_accuracy,
-                      train_reward_model)
+from minirlhf.runtime import clip_and_check, main, print_table, write_summary
+from train_ppo import rl_setup, summarize, train_ppo
+from train_rm import encode_pairs, load_preferences, normalize_on, pair_rewards, rm_accuracy, train_reward_model
 from train_sft import ensure_sft, sample
 
 
@@ -80,7 +76,7 @@ def uml_step(prompts, samples, rng):
         loss = loss_r + cfg.uml_lambda * loss_m  # RLP Eq. 1
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        clip_and_check(rm.parameters(), cfg.grad_clip, "RM (UML)", 0)
         opt.step()
         return {"loss": loss.item(), "bt": loss_r.item(), "acc": pairwise_accuracy(rc, rr), **stats}
     return step
@@ -212,12 +208,7 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
 
 
 def run(cfg):
-    device = setup(cfg)
-    source = get_source(cfg)
-    if not source.has_gold:
-        raise SystemExit("error: refine.py needs an embedded task with a gold judge")
-    sft = ensure_sft(cfg).to(device).eval()
-    rm = ensure_rm(cfg, device)
+    device, source, sft, rm = rl_setup(cfg)
     prefs = load_preferences(cfg)
     if cfg.method in ("uml", "spg", "uml+spg", "oracle", "control"):
         return rlp(cfg, source, sft, rm, prefs, device)
@@ -230,4 +221,4 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    run(parse_args(method="uml"))
+    main(run, method="uml")

@@ -19,12 +19,11 @@ from tqdm import tqdm
 
 from minirlhf import ppo
 from minirlhf.checkpoint import atomic_save, load
-from minirlhf.config import parse_args
 from minirlhf.data import encode_prompts
 from minirlhf.evaluate import best_of_n_curve, evaluate, rollout_texts
 from minirlhf.generate import generate, sequence_logprobs
 from minirlhf.reward import score_any
-from minirlhf.runtime import Metrics, autocast, check_finite, print_table, setup, write_summary
+from minirlhf.runtime import Metrics, autocast, check_finite, clip_and_check, main, print_table, setup, write_summary
 from minirlhf.sources import get_source
 from train_rm import ensure_rm
 from train_sft import ensure_sft
@@ -80,11 +79,11 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
             check_finite(pg_loss + vf_loss, "PPO", 0)
             opt_pi.zero_grad(set_to_none=True)
             pg_loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            clip_and_check(policy.parameters(), cfg.grad_clip, "PPO policy", 0)
             opt_pi.step()
             opt_v.zero_grad(set_to_none=True)
             (cfg.vf_coef * vf_loss).backward()  # a separate critic and optimizer: vf_coef only scales its step
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+            clip_and_check(critic.parameters(), cfg.grad_clip, "PPO critic", 0)
             opt_v.step()
             step_stats = {**pg_stats, **vf_stats, "ppo/loss/policy": pg_loss.item(), "ppo/loss/value": vf_loss.item(),
                           "objective/entropy": ppo.masked_mean(entropy, mb["rmask"]).item()}
@@ -189,13 +188,17 @@ def summarize(history):
     return {"sft": history[0], "final": final, "peak_gold": peak}
 
 
-def run(cfg):
+def rl_setup(cfg):
+    """Device, task, SFT policy and proxy RM for an RL-time script (SFT and RM are trained first if missing)."""
     device = setup(cfg)
     source = get_source(cfg)
     if not source.has_gold:
-        raise SystemExit("error: PPO needs an embedded task with a gold judge (--data is for train_rm.py only)")
-    sft = ensure_sft(cfg).to(device).eval()
-    rm = ensure_rm(cfg, device)
+        raise SystemExit("error: RL stages need an embedded task with a gold judge (--data is for train_rm.py only)")
+    return device, source, ensure_sft(cfg).to(device).eval(), ensure_rm(cfg, device)
+
+
+def run(cfg):
+    device, source, sft, rm = rl_setup(cfg)
     if cfg.method == "bon":
         rows = best_of_n(cfg, source, sft, rm, device)
         write_summary(cfg, "bon", {"curve": rows})
@@ -218,4 +221,4 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    main(run)

@@ -17,10 +17,9 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
-from minirlhf.config import parse_args
 from minirlhf.data import encode_prompts, encode_responses, gold_label
 from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from, score, score_any
-from minirlhf.runtime import Metrics, autocast, check_finite, cosine_lr, setup, write_summary
+from minirlhf.runtime import Metrics, autocast, check_finite, clip_and_check, cosine_lr, main, setup, write_summary
 from minirlhf.sources import get_source
 from train_sft import ensure_sft, sample
 
@@ -88,9 +87,10 @@ def bt_step(rm, opt, tok, batch, cfg, device):
     """The plain step: Bradley-Terry loss on a batch of labelled pairs."""
     rc, rr = pair_rewards(rm, tok, *zip(*batch), cfg, device)
     loss = bt_loss(rc, rr)
+    check_finite(loss, "RM", 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+    clip_and_check(rm.parameters(), cfg.grad_clip, "RM", 0)
     opt.step()
     return {"loss": loss.item(), "acc": pairwise_accuracy(rc, rr)}
 
@@ -194,4 +194,4 @@ def ensure_rm(cfg, device):
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    main(run)

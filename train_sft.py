@@ -14,12 +14,12 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from minirlhf.checkpoint import load_model, save_model
-from minirlhf.config import parse_args
+from minirlhf.checkpoint import atomic_save, load, load_model, save_model
 from minirlhf.data import decode_responses, encode_prompts, encode_responses
 from minirlhf.generate import generate, sequence_logprobs
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.runtime import Metrics, autocast, check_finite, cosine_lr, print_table, setup, write_summary
+from minirlhf.runtime import (Metrics, autocast, check_finite, clip_and_check, cosine_lr, main, print_table, read_last,
+                              setup, write_summary)
 from minirlhf.sources import get_source
 
 
@@ -55,27 +55,36 @@ def run(cfg):
     model = build_policy(cfg, source).to(device)
     print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, {cfg.sft_steps} steps x {cfg.sft_batch}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    metrics = Metrics(cfg.out_dir, "sft_metrics")
-    rng = random.Random(cfg.seed)
+    state_path, start = os.path.join(cfg.out_dir, "sft_state.pt"), 0
+    if cfg.resume and os.path.exists(state_path):
+        state = load(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        print(f"resumed {state_path} at step {start}")
+    metrics = Metrics(cfg.out_dir, "sft_metrics", fresh=start == 0)
+    metrics.truncate(lambda row: row["step"] < start)
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="sft", mininterval=1.0)
-    for step in bar:
+    for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start, total=cfg.sft_steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.sft_steps, cfg.sft_lr, cfg.warmup)
-        prompts, responses = zip(*source.demonstrations(cfg.sft_batch, rng))
+        # each step's data derives from (seed, step) alone, so a resumed run sees exactly the same batches
+        prompts, responses = zip(*source.demonstrations(cfg.sft_batch, random.Random(cfg.seed * 1_000_003 + step)))
         with autocast(cfg, device):
             loss = sft_loss(model, tok, prompts, responses, cfg.max_new_tokens, device)
         check_finite(loss, "SFT", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        clip_and_check(model.parameters(), cfg.grad_clip, "SFT", step)
         opt.step()
         metrics.log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.ckpt_every == 0:
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
     model.eval()
     path = os.path.join(cfg.out_dir, "sft.pt")
     save_model(path, model, source=source.name)
-    summary = {"final_loss": loss.item(), "params": model.num_params()}
+    final_loss = read_last(metrics.path)["loss"]
+    summary = {"final_loss": final_loss, "params": model.num_params()}
     if source.has_gold:  # compare the SFT policy with the demonstrator it imitates, on held-out prompts
         eval_rng = random.Random(cfg.seed + 1)
         prompts = source.task.sample_prompts(cfg.eval_prompts, eval_rng, "eval")
@@ -89,7 +98,7 @@ def run(cfg):
         print_table([dict(prompt=p, response=s, gold=g) for p, s, g in list(zip(prompts, samples, gold))[:6]],
                     ["prompt", "response", "gold"])
     write_summary(cfg, "sft", summary)
-    print(f"saved {path} (final loss {loss.item():.3f})")
+    print(f"saved {path} (final loss {final_loss:.3f})")
     return path
 
 
@@ -102,4 +111,4 @@ def ensure_sft(cfg):
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    main(run)

@@ -26,6 +26,8 @@ class Config:
     """torch CPU threads; 0 keeps torch's default."""
     resume: bool = False
     """Continue from the last checkpoint in out_dir instead of starting fresh."""
+    ckpt_every: int = 100
+    """SFT steps between resumable checkpoints (PPO checkpoints at every evaluation)."""
     preset: str = "default"
     """'smoke' (seconds, for tests), 'default' (the CPU run) or 'gpu' (a bigger model for one GPU)."""
     # ---- model ----

@@ -39,11 +39,30 @@ def cosine_lr(step, total, peak, warmup):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def check_finite(loss, what, step):
-    """NaN guard: stop with a message instead of writing a poisoned checkpoint."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what}: non-finite loss {loss.item()} at step {step}; "
+def check_finite(value, what, step, name="loss"):
+    """NaN guard: stop with a message instead of taking a poisoned step or writing a poisoned checkpoint."""
+    if not torch.isfinite(torch.as_tensor(value)):
+        raise FloatingPointError(f"{what}: non-finite {name} {float(value)} at step {step}; "
                                  "the last checkpoint was kept (lower the learning rate?)")
+
+
+def clip_and_check(params, max_norm, what, step):
+    """Clip the gradient norm, and refuse to step on a non-finite gradient."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    check_finite(norm, what, step, "gradient norm")
+    return norm
+
+
+def main(run, **script_defaults):
+    """A script's entry point: bad input ends in one clear line on stderr and exit code 1, not a traceback."""
+    import sys
+    from .config import parse_args
+    from .data import DataError
+    try:
+        run(parse_args(**script_defaults))
+    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 class Metrics:
@@ -66,6 +85,12 @@ class Metrics:
     def log(self, **row):
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+
+
+def read_last(path):
+    """The last row of a metrics .jsonl file."""
+    with open(path) as f:
+        return json.loads(f.readlines()[-1])
 
 
 def write_summary(cfg, stage, values):

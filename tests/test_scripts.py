@@ -9,7 +9,6 @@ import torch
 
 import train_ppo
 import train_rm
-import train_sft
 from minirlhf import ppo
 from minirlhf.checkpoint import load_model
 from minirlhf.config import Config, parse_args

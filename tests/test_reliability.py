@@ -1,0 +1,107 @@
+"""Bad input gets one clear error naming the place; checkpoints never run code; a killed run resumes exactly."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from minirlhf.checkpoint import load, load_model, save_model
+from minirlhf.data import encode_prompts
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.tasks import get_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch evil_was_here",))
+
+
+def test_code_executing_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt: refused to load"):
+        load(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "evil_was_here").exists()
+
+
+def test_missing_corrupt_and_mismatched_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint not found"):
+        load(str(tmp_path / "nope.pt"))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="bad.pt: "):
+        load(str(tmp_path / "bad.pt"))
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    save_model(str(tmp_path / "m.pt"), model)
+    ck = torch.load(tmp_path / "m.pt", weights_only=True)
+    ck["gpt_config"]["n_embd"] = 16  # a checkpoint whose weights do not fit its config
+    torch.save(ck, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="m.pt: checkpoint does not match its model config"):
+        load_model(str(tmp_path / "m.pt"))
+
+
+def test_long_prompt_is_truncated_from_the_left_keeping_bos():
+    tok = get_task("reviews").tokenizer
+    ids, mask = encode_prompts(tok, ["the pizza was very tasty . the staff were nice ."], max_len=5)
+    assert ids.shape == (1, 5) and ids[0, 0].item() == tok.bos_id
+    assert tok.decode(ids[0, 1:].tolist()) == "staff were nice ."
+
+
+def test_script_errors_are_one_line_with_nonzero_exit(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}\n'
+                   '{"chosen": 1}\n')
+    out = tmp_path / "out"
+    r = script("train_rm.py", f"--data={bad}", f"--out_dir={out}")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {bad}:2: field 'chosen' must be a string, got int"]
+    assert not out.exists()  # nothing written before the input was validated
+    r = script("train_sft.py", "--nope=1")
+    assert r.returncode != 0 and "unknown option --nope" in r.stderr
+    r = script("train_ppo.py", "--preset=smoke", f"--out_dir={tmp_path}/x", "--sft_steps=2", "--sft_lr=1e30",
+               "--grad_clip=1e30")
+    assert r.returncode == 1 and "non-finite" in r.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "x" / "sft.pt")
+
+
+def _rows(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _run_until_killed(args, ckpt, timeout=120):
+    """Start a run, SIGKILL it as soon as its first checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t = time.time()
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() - t < timeout:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stage):
+    base = ["--preset=smoke", "--rm_pairs=64", "--threads=1"]
+    if stage == "sft":
+        args, ckpt, metrics = ["train_sft.py", *base, "--sft_steps=40", "--ckpt_every=5"], "sft_state.pt", "sft_metrics"
+    else:
+        assert script("train_rm.py", *base, f"--out_dir={tmp_path}/a").returncode == 0
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        args, ckpt, metrics = ["train_ppo.py", *base, "--iters=16", "--eval_every=2"], "ppo.pt", "ppo_metrics"
+    done = script(*args, f"--out_dir={tmp_path}/a")
+    assert done.returncode == 0, done.stderr
+    _run_until_killed([*args, f"--out_dir={tmp_path}/b"], str(tmp_path / "b" / ckpt))
+    resumed = script(*args, f"--out_dir={tmp_path}/b", "--resume=True")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    a, b = _rows(tmp_path / "a" / f"{metrics}.jsonl"), _rows(tmp_path / "b" / f"{metrics}.jsonl")
+    assert a == b
