@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minirlhf import ppo
+from minirlhf import dist, ppo
 from minirlhf.checkpoint import atomic_save, load
 from minirlhf.data import encode_prompts
 from minirlhf.evaluate import best_of_n_curve, evaluate, rollout_texts
@@ -194,6 +194,8 @@ def rl_setup(cfg):
     source = get_source(cfg)
     if not source.has_gold:
         raise SystemExit("error: RL stages need an embedded task with a gold judge (--data is for train_rm.py only)")
+    if dist.world() > 1:
+        raise SystemExit("error: PPO and refine.py run on one process for now (torchrun: train_sft.py, train_rm.py)")
     return device, source, ensure_sft(cfg).to(device).eval(), ensure_rm(cfg, device)
 
 

@@ -16,6 +16,7 @@ import statistics
 import torch
 from tqdm import tqdm
 
+from minirlhf import dist
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
 from minirlhf.data import encode_prompts, encode_responses, gold_label
 from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from, score, score_any
@@ -84,15 +85,18 @@ def preference_data(sft, source, cfg, device):
 
 
 def bt_step(rm, opt, tok, batch, cfg, device):
-    """The plain step: Bradley-Terry loss on a batch of labelled pairs."""
-    rc, rr = pair_rewards(rm, tok, *zip(*batch), cfg, device)
-    loss = bt_loss(rc, rr)
+    """The plain step: Bradley-Terry loss on a batch of labelled pairs (with torchrun: this rank's slice of it,
+    weighted so that the summed gradient is the global batch's)."""
+    local = dist.shard(batch)
+    rc, rr = pair_rewards(rm, tok, *zip(*local), cfg, device)
+    loss = bt_loss(rc, rr) * len(local) / len(batch)
     check_finite(loss, "RM", 0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    dist.sync_grads(rm.parameters())
     clip_and_check(rm.parameters(), cfg.grad_clip, "RM", 0)
     opt.step()
-    return {"loss": loss.item(), "acc": pairwise_accuracy(rc, rr)}
+    return {"loss": dist.all_sum(loss.item()), "acc": pairwise_accuracy(rc, rr)}
 
 
 def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=bt_step, aux=None, desc="rm"):
@@ -110,7 +114,7 @@ def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=
     epochs = epochs or cfg.rm_epochs
     steps_per_epoch = max(1, len(pairs) // cfg.rm_batch)
     total = epochs * steps_per_epoch
-    bar = tqdm(range(total), desc=desc, mininterval=1.0)
+    bar = tqdm(range(total), desc=desc, mininterval=1.0, disable=not dist.is_main())
     order = []
     for step in bar:
         if step % steps_per_epoch == 0:
@@ -158,6 +162,7 @@ def run(cfg):
         metrics.log(member=k, **res)
         results.append(res)
         print(f"RM {k}: " + ", ".join(f"{key} {v:.3f}" for key, v in res.items()))
+    dist.barrier()  # every rank reads rm.pt next
     summary = {key: statistics.mean(r[key] for r in results) for key in results[0]}
     summary.update(train_pairs=len(train), held_out_pairs=len(held_noisy), members=results)
     if source.has_gold:  # the shift the project is about: accuracy on a deliberately shifted policy's pairs

@@ -14,6 +14,7 @@ import statistics
 import torch
 from tqdm import tqdm
 
+from minirlhf import dist
 from minirlhf.checkpoint import atomic_save, load, load_model, save_model
 from minirlhf.data import decode_responses, encode_prompts, encode_responses
 from minirlhf.generate import generate, sequence_logprobs
@@ -29,11 +30,12 @@ def build_policy(cfg, source):
 
 
 def sft_loss(model, tok, prompts, responses, max_new_tokens, device):
-    """Mean negative log-likelihood of the response tokens (EOS included), prompt tokens masked."""
+    """(summed negative log-likelihood, number) of the response tokens (EOS included); prompt tokens masked.
+    The caller divides by the token count of the *global* batch (equal to this one on a single process)."""
     p, pm = encode_prompts(tok, prompts, device, max_len=model.cfg.n_positions - max_new_tokens)
     r, rm = encode_responses(tok, responses, max_new_tokens, device)
     logp = sequence_logprobs(model, p, pm, r, rm)  # (B, N), 0 on padding
-    return -logp.sum() / rm.sum()
+    return -logp.sum(), rm.sum().item()
 
 
 @torch.no_grad()
@@ -51,7 +53,8 @@ def run(cfg):
     source = get_source(cfg)
     tok = source.tokenizer
     os.makedirs(cfg.out_dir, exist_ok=True)
-    tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+    if dist.is_main():
+        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
     model = build_policy(cfg, source).to(device)
     print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, {cfg.sft_steps} steps x {cfg.sft_batch}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -65,24 +68,32 @@ def run(cfg):
     metrics = Metrics(cfg.out_dir, "sft_metrics", fresh=start == 0)
     metrics.truncate(lambda row: row["step"] < start)
     model.train()
-    for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start, total=cfg.sft_steps):
+    for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start, total=cfg.sft_steps,
+                     disable=not dist.is_main()):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.sft_steps, cfg.sft_lr, cfg.warmup)
         # each step's data derives from (seed, step) alone, so a resumed run sees exactly the same batches
-        prompts, responses = zip(*source.demonstrations(cfg.sft_batch, random.Random(cfg.seed * 1_000_003 + step)))
+        # (with torchrun each rank takes its slice of that global batch)
+        demos = source.demonstrations(cfg.sft_batch, random.Random(cfg.seed * 1_000_003 + step))
+        prompts, responses = zip(*dist.shard(demos))
         with autocast(cfg, device):
-            loss = sft_loss(model, tok, prompts, responses, cfg.max_new_tokens, device)
+            nll, n_tokens = sft_loss(model, tok, prompts, responses, cfg.max_new_tokens, device)
+            loss = nll / dist.all_sum(n_tokens)
         check_finite(loss, "SFT", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        dist.sync_grads(model.parameters())
         clip_and_check(model.parameters(), cfg.grad_clip, "SFT", step)
         opt.step()
-        metrics.log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+        metrics.log(step=step, loss=dist.all_sum(loss.item()), lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.ckpt_every == 0:
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
     model.eval()
     path = os.path.join(cfg.out_dir, "sft.pt")
     save_model(path, model, source=source.name)
+    dist.barrier()  # the other ranks read sft.pt next
+    if not dist.is_main():
+        return path
     final_loss = read_last(metrics.path)["loss"]
     summary = {"final_loss": final_loss, "params": model.num_params()}
     if source.has_gold:  # compare the SFT policy with the demonstrator it imitates, on held-out prompts

@@ -10,7 +10,11 @@ import torch
 
 
 def _atomic_write(path, write):
-    """Write via a temp file in the same folder + fsync + rename: a crash leaves the old file or the new one."""
+    """Write via a temp file in the same folder + fsync + rename: a crash leaves the old file or the new one.
+    Under torchrun only rank 0 writes."""
+    from . import dist
+    if not dist.is_main():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")

@@ -9,6 +9,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from . import dist
 from .checkpoint import atomic_write_json
 
 
@@ -19,9 +20,9 @@ def setup(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dist.init(device)
+    return device
 
 
 def autocast(cfg, device):
@@ -66,23 +67,25 @@ def main(run, **script_defaults):
 
 
 class Metrics:
-    """Appends one JSON object per line to out_dir/<name>.jsonl (truncated when a run starts fresh)."""
+    """Appends one JSON object per line to out_dir/<name>.jsonl (truncated when a run starts fresh). Rank 0 only."""
 
     def __init__(self, out_dir, name="metrics", fresh=True):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, f"{name}.jsonl")
-        if fresh and os.path.exists(self.path):
+        if fresh and os.path.exists(self.path) and dist.is_main():
             os.remove(self.path)
 
     def truncate(self, keep):
         """Keep only the rows for which keep(row) is true (a resumed run replays the rest)."""
-        if os.path.exists(self.path):
+        if os.path.exists(self.path) and dist.is_main():
             with open(self.path) as f:
                 rows = [line for line in f if keep(json.loads(line))]
             with open(self.path, "w") as f:
                 f.writelines(rows)
 
     def log(self, **row):
+        if not dist.is_main():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
 

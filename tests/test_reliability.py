@@ -105,3 +105,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stage):
     assert "resumed" in resumed.stdout
     a, b = _rows(tmp_path / "a" / f"{metrics}.jsonl"), _rows(tmp_path / "b" / f"{metrics}.jsonl")
     assert a == b
+
+
+@pytest.mark.parametrize("stage", ["train_sft.py", "train_rm.py"])
+def test_two_process_gloo_equals_one_process(tmp_path, stage):
+    """torchrun --nproc_per_node=2 (gloo, CPU) at the same global batch gives the 1-process result."""
+    args = [stage, "--preset=smoke", "--sft_steps=6", "--sft_batch=16", "--rm_pairs=64", "--threads=1"]
+    one = script(*args, f"--out_dir={tmp_path}/one")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args,
+                          f"--out_dir={tmp_path}/two"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    for name in ("sft_metrics.jsonl",) + (("rm.pt",) if stage == "train_rm.py" else ()):
+        if name.endswith(".jsonl"):
+            a, b = _rows(tmp_path / "one" / name), _rows(tmp_path / "two" / name)
+            assert [r["step"] for r in a] == [r["step"] for r in b]
+            assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b))
+        else:
+            a, b = (torch.load(tmp_path / d / name, weights_only=True)["model"] for d in ("one", "two"))
+            assert all(torch.allclose(a[k], b[k], atol=1e-3, rtol=1e-3) for k in a)

@@ -1,0 +1,62 @@
+"""Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N script.py` (NCCL on GPU, gloo on CPU).
+
+Every rank holds the whole model and draws the same global batch (its randomness derives from the seed and the
+step); each rank works on its own slice of it. Losses are normalised by *global* counts and gradients are summed
+across ranks, so a step equals the single-process step on the same global batch. Only rank 0 writes files.
+Without torchrun (no RANK in the environment) every function here is a no-op on a single process.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def init(device):
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if not is_main():
+            sys.stdout = open(os.devnull, "w")  # one rank speaks; errors still reach stderr
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def shard(items):
+    """This rank's contiguous slice of a global batch (a list or a tensor's first dimension)."""
+    n, r, w = len(items), rank(), world()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def all_sum(x):
+    """Sum of a float or tensor over ranks (a copy; the input is untouched)."""
+    if world() == 1:
+        return x
+    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    dist.all_reduce(t)
+    return t.item() if not torch.is_tensor(x) else t.to(x.dtype)
+
+
+def sync_grads(params):
+    """Sum every gradient over ranks: with globally normalised losses this is the full-batch gradient."""
+    if world() > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def barrier():
+    """Wait for every rank (e.g. until rank 0 has written a checkpoint the others will read)."""
+    if world() > 1:
+        dist.barrier()
