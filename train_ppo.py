@@ -124,8 +124,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
         opt_v.load_state_dict(ck["opt_v"])
         kl_ctl.value, start, history = ck["kl_coef"], ck["iter"], ck["history"]
         print(f"resumed {ckpt_path} at iteration {start}")
-    metrics = Metrics(cfg.out_dir, f"{name}_metrics", fresh=start == 0)
-    metrics.truncate(lambda row: row["iter"] < start)  # rows written after the checkpoint get replayed
+    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")  # rows after the checkpoint: replayed
 
     def do_eval(it):
         with autocast(cfg, device):

@@ -151,7 +151,7 @@ def run(cfg):
     atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean, norm_prompts=norm_prompts,
                            sft_samples=sft_samples), os.path.join(cfg.out_dir, "preferences.json"))
     print(f"RM: {len(train)} training pairs, {len(held_noisy)} held-out pairs")
-    metrics, results = Metrics(cfg.out_dir, "rm_metrics"), []
+    metrics, results = Metrics(cfg.out_dir, "rm"), []
     for k in range(cfg.ensemble):
         rm = train_reward_model(sft, tok, train, cfg, device, seed=cfg.seed + 1000 * k, desc=f"rm{k}")
         res = {"held_out_acc_noisy": rm_accuracy(rm, tok, held_noisy, cfg, device)}

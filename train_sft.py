@@ -5,7 +5,7 @@
     python train_sft.py --task=arith --sft_steps=800
 
 Next-token loss on the response tokens only (prompt tokens masked), EOS appended to every demonstration.
-Writes out_dir/sft.pt (atomically), tokenizer.json, sft_metrics.jsonl and summary.json.
+Writes out_dir/sft.pt (atomically), tokenizer.json, metrics.jsonl and summary.json.
 """
 import os
 import random
@@ -19,8 +19,8 @@ from minirlhf.checkpoint import atomic_save, load, load_model, save_model
 from minirlhf.data import decode_responses, encode_prompts, encode_responses
 from minirlhf.generate import generate, sequence_logprobs
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.runtime import (Metrics, autocast, check_finite, clip_and_check, cosine_lr, main, print_table, read_last,
-                              setup, write_summary)
+from minirlhf.runtime import (Metrics, autocast, check_finite, clip_and_check, cosine_lr, main, print_table, setup,
+                              write_summary)
 from minirlhf.sources import get_source
 
 
@@ -65,8 +65,7 @@ def run(cfg):
         opt.load_state_dict(state["opt"])
         start = state["step"]
         print(f"resumed {state_path} at step {start}")
-    metrics = Metrics(cfg.out_dir, "sft_metrics", fresh=start == 0)
-    metrics.truncate(lambda row: row["step"] < start)
+    metrics = Metrics(cfg.out_dir, "sft", keep_steps=start)
     model.train()
     for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start, total=cfg.sft_steps,
                      disable=not dist.is_main()):
@@ -94,7 +93,7 @@ def run(cfg):
     dist.barrier()  # the other ranks read sft.pt next
     if not dist.is_main():
         return path
-    final_loss = read_last(metrics.path)["loss"]
+    final_loss = metrics.rows()[-1]["loss"]
     summary = {"final_loss": final_loss, "params": model.num_params()}
     if source.has_gold:  # compare the SFT policy with the demonstrator it imitates, on held-out prompts
         eval_rng = random.Random(cfg.seed + 1)

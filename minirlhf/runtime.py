@@ -67,33 +67,31 @@ def main(run, **script_defaults):
 
 
 class Metrics:
-    """Appends one JSON object per line to out_dir/<name>.jsonl (truncated when a run starts fresh). Rank 0 only."""
+    """One metrics file per run, out_dir/metrics.jsonl: a JSON object per line, tagged with its stage ('sft',
+    'rm', 'ppo', 'ppo_uml', ...). A stage that starts fresh drops its own earlier rows; a resumed stage keeps the
+    rows before its checkpoint (`keep_steps`) and replays the rest. Rank 0 only."""
 
-    def __init__(self, out_dir, name="metrics", fresh=True):
+    def __init__(self, out_dir, stage, keep_steps=0, step_key="step"):
         os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, f"{name}.jsonl")
-        if fresh and os.path.exists(self.path) and dist.is_main():
-            os.remove(self.path)
-
-    def truncate(self, keep):
-        """Keep only the rows for which keep(row) is true (a resumed run replays the rest)."""
+        self.path, self.stage = os.path.join(out_dir, "metrics.jsonl"), stage
         if os.path.exists(self.path) and dist.is_main():
             with open(self.path) as f:
-                rows = [line for line in f if keep(json.loads(line))]
+                rows = [line for line in f
+                        if json.loads(line)["stage"] != stage or json.loads(line).get(step_key, 0) < keep_steps]
             with open(self.path, "w") as f:
                 f.writelines(rows)
 
     def log(self, **row):
         if not dist.is_main():
             return
+        row = {"stage": self.stage, **row}
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
 
-
-def read_last(path):
-    """The last row of a metrics .jsonl file."""
-    with open(path) as f:
-        return json.loads(f.readlines()[-1])
+    def rows(self):
+        """This stage's rows so far."""
+        with open(self.path) as f:
+            return [r for r in map(json.loads, f) if r["stage"] == self.stage]
 
 
 def write_summary(cfg, stage, values):

@@ -21,13 +21,14 @@ class TaskSource:
 
 
 class FileSource:
-    """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are held out."""
+    """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are held out and
+    at most `rm_pairs` of the rest train the RM."""
     has_gold = False
 
     def __init__(self, cfg):
         pairs = load_hh_pairs(cfg.data)
         n_held = max(1, len(pairs) // 10)
-        self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
+        self.train_pairs, self.held_out_pairs = pairs[:-n_held][:cfg.rm_pairs], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)
         saved = os.path.join(cfg.out_dir, "tokenizer.json")
         if os.path.exists(saved):  # later stages must reuse the exact vocabulary SFT was trained with

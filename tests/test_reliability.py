@@ -73,9 +73,9 @@ def test_script_errors_are_one_line_with_nonzero_exit(tmp_path):
     assert not os.path.exists(tmp_path / "x" / "sft.pt")
 
 
-def _rows(path):
+def _rows(path, stage):
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return [r for r in map(json.loads, f) if r["stage"] == stage]
 
 
 def _run_until_killed(args, ckpt, timeout=120):
@@ -92,19 +92,19 @@ def _run_until_killed(args, ckpt, timeout=120):
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stage):
     base = ["--preset=smoke", "--rm_pairs=64", "--threads=1"]
     if stage == "sft":
-        args, ckpt, metrics = ["train_sft.py", *base, "--sft_steps=40", "--ckpt_every=5"], "sft_state.pt", "sft_metrics"
+        args, ckpt, stage = ["train_sft.py", *base, "--sft_steps=40", "--ckpt_every=5"], "sft_state.pt", "sft"
     else:
         assert script("train_rm.py", *base, f"--out_dir={tmp_path}/a").returncode == 0
         shutil.copytree(tmp_path / "a", tmp_path / "b")
-        args, ckpt, metrics = ["train_ppo.py", *base, "--iters=16", "--eval_every=2"], "ppo.pt", "ppo_metrics"
+        args, ckpt, stage = ["train_ppo.py", *base, "--iters=16", "--eval_every=2"], "ppo.pt", "ppo"
     done = script(*args, f"--out_dir={tmp_path}/a")
     assert done.returncode == 0, done.stderr
     _run_until_killed([*args, f"--out_dir={tmp_path}/b"], str(tmp_path / "b" / ckpt))
     resumed = script(*args, f"--out_dir={tmp_path}/b", "--resume=True")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout
-    a, b = _rows(tmp_path / "a" / f"{metrics}.jsonl"), _rows(tmp_path / "b" / f"{metrics}.jsonl")
-    assert a == b
+    a, b = (_rows(tmp_path / d / "metrics.jsonl", stage) for d in ("a", "b"))
+    assert a == b and len(a) > 0
 
 
 @pytest.mark.parametrize("stage", ["train_sft.py", "train_rm.py"])
@@ -116,9 +116,9 @@ def test_two_process_gloo_equals_one_process(tmp_path, stage):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args,
                           f"--out_dir={tmp_path}/two"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
-    for name in ("sft_metrics.jsonl",) + (("rm.pt",) if stage == "train_rm.py" else ()):
+    for name in ("metrics.jsonl",) + (("rm.pt",) if stage == "train_rm.py" else ()):
         if name.endswith(".jsonl"):
-            a, b = _rows(tmp_path / "one" / name), _rows(tmp_path / "two" / name)
+            a, b = (_rows(tmp_path / d / name, "sft") for d in ("one", "two"))
             assert [r["step"] for r in a] == [r["step"] for r in b]
             assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b))
         else:

@@ -31,13 +31,13 @@ def smoke_cfg(out, *extra):
     return parse_args(["--preset=smoke", f"--out_dir={out}", "--rm_pairs=256", "--sft_steps=60", *extra])
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+def read_metrics(out, stage):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["stage"] == stage]
 
 
 def test_sft_lowers_loss(smoke_dir):
-    losses = [r["loss"] for r in read_jsonl(os.path.join(smoke_dir, "sft_metrics.jsonl"))]
+    losses = [r["loss"] for r in read_metrics(smoke_dir, "sft")]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
@@ -72,7 +72,7 @@ def test_ppo_smoke_raises_proxy(smoke_dir):
                     "--minibatch=16", "--eval_prompts=64", "--kl_coef=0.0")
     summary = train_ppo.run(cfg)
     assert summary["final"]["eval/proxy"] > summary["sft"]["eval/proxy"] + 0.1
-    rows = read_jsonl(os.path.join(smoke_dir, "ppo_metrics.jsonl"))
+    rows = read_metrics(smoke_dir, "ppo")
     assert {"objective/kl", "ppo/policy/clipfrac", "ppo/val/explained_variance", "eval/win_rate"} <= \
         {k for r in rows for k in r}
 
@@ -114,7 +114,7 @@ def test_refine_rlp_smoke(smoke_dir, method):
     assert result["final"]["iter"] == 3
     if "spg" in method:
         assert "spg/acceptance" in result
-    assert os.path.exists(os.path.join(smoke_dir, f"ppo_{method}_metrics.jsonl"))
+    assert read_metrics(smoke_dir, f"ppo_{method}")
 
 
 @pytest.mark.parametrize("method", ["metarm", "vanilla-rounds"])
@@ -123,3 +123,23 @@ def test_refine_metarm_smoke(smoke_dir, method):
     rows = refine.run(smoke_cfg(smoke_dir, f"--method={method}", "--rounds=2", "--ood=True"))
     assert [r["round"] for r in rows] == [1, 2]
     assert (rows[0]["shift_norm"] > 0) == (method == "metarm")
+
+
+def test_rm_ensemble_smoke(smoke_dir, tmp_path):
+    import shutil
+    shutil.copy(os.path.join(smoke_dir, "sft.pt"), tmp_path / "sft.pt")
+    summary = train_rm.run(smoke_cfg(str(tmp_path), "--ensemble=2", "--ensemble_agg=min", "--rm_pairs=64"))
+    assert len(summary["members"]) == 2 and os.path.exists(tmp_path / "rm_1.pt")
+    assert summary["members"][0]["held_out_acc_noisy"] != summary["members"][1]["held_out_acc_noisy"] or \
+        summary["members"][0]["norm_mean"] != summary["members"][1]["norm_mean"]  # different seeds, different RMs
+
+
+HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "helpful-base", "test.jsonl.gz")
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="../shared/data/hh-rlhf not present")
+def test_rm_on_real_hh_rlhf_file(tmp_path):
+    summary = train_rm.run(parse_args(["--preset=smoke", f"--out_dir={tmp_path}", f"--data={HH}", "--rm_pairs=64",
+                                       "--sft_steps=5", "--block_size=96", "--max_new_tokens=48", "--bpe_vocab=512"]))
+    assert summary["train_pairs"] == 64 and summary["held_out_pairs"] > 200
+    assert 0 <= summary["held_out_acc_noisy"] <= 1

@@ -95,3 +95,15 @@ def test_bpe_round_trip():
     tok = train_bpe(["Human: hi there, how are you?\n\nAssistant: fine, thanks!"] * 20, vocab_size=300)
     text = "Human: how are you?\n\nAssistant: fine"
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_gpt2_vocab_and_merges_load(tmp_path):
+    import json
+    from minirlhf.tokenizer import gpt2_bpe
+    vocab = {c: i for i, c in enumerate(["h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "hell", "hello"])}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\nl l\nhe ll\nhell o\n")
+    tok = gpt2_bpe(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    assert tok.encode("hello") == [vocab["hello"]]
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert tok.pad_id >= len(vocab) and tok.eos_id != tok.pad_id  # specials appended after GPT-2's ids
