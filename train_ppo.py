@@ -60,7 +60,8 @@ def rollout(policy, ref, critic, rm, tok, prompts, cfg, device, generator, kl_co
     batch = dict(p=p, pm=pm, r=r, rmask=rmask, logp=logp, values=values, advantages=advantages, returns=returns)
     stats = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": score.mean().item(),
              "objective/kl_coef": kl_coef, "env/eos_rate": finished.float().mean().item(),
-             "env/length": rmask.sum(-1).float().mean().item(), "ppo/returns/mean": ppo.masked_mean(returns, rmask).item()}
+             "env/length": rmask.sum(-1).float().mean().item(),
+             "ppo/returns/mean": ppo.masked_mean(returns, rmask).item()}
     return batch, stats
 
 
@@ -104,10 +105,10 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
     Returns (policy, history of evaluation dicts)."""
     tok, task = source.tokenizer, source.task
     ref = sft.eval()
-    policy = copy.deepcopy(init_policy if init_policy is not None else sft).train()
-    critic = copy.deepcopy(rm.rms[0] if hasattr(rm, "rms") else rm).train()
+    policy = copy.deepcopy(init_policy if init_policy is not None else sft)
+    critic = copy.deepcopy(rm.rms[0] if hasattr(rm, "rms") else rm)  # an ensemble's critic starts from member 0
     for m in (policy, critic.gpt):
-        m.set_dropout(0.0)  # §1 dropout off in every RL-time model
+        m.set_dropout(0.0)  # §1 dropout off in every RL-time model (so train/eval mode makes no difference)
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
     opt_v = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
@@ -128,9 +129,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
 
     def do_eval(it):
         with autocast(cfg, device):
-            ev = evaluate(policy.eval(), ref, rm, task, tok, eval_prompts, sft_gold, cfg, device,
+            ev = evaluate(policy, ref, rm, task, tok, eval_prompts, sft_gold, cfg, device,
                           iteration_rng(cfg, it, device, 2)[1])
-        policy.train()
         samples = ev.pop("samples")
         history.append({"iter": it, **ev})
         metrics.log(iter=it, **ev)
@@ -147,9 +147,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
         rng, gen = iteration_rng(cfg, it, device)
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)
         with autocast(cfg, device):
-            policy.eval()  # eval() only switches dropout, which is off anyway; generation reads no train flag
             batch, stats = rollout(policy, ref, critic, rm, tok, prompts, cfg, device, gen, kl_ctl.value)
-            policy.train()
             stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, gen))
         kl_ctl.update(stats["objective/kl"], cfg.rollout_batch)
         metrics.log(iter=it, **stats)
@@ -160,7 +158,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
                          "history": history}, ckpt_path)
     if not (history and history[-1]["iter"] == cfg.iters):
         do_eval(cfg.iters)
-    return policy.eval(), history
+    return policy, history
 
 
 def best_of_n(cfg, source, sft, rm, device):

@@ -59,11 +59,12 @@ def test_long_prompt_is_truncated_from_the_left_keeping_bos():
 
 def test_script_errors_are_one_line_with_nonzero_exit(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}\n'
-                   '{"chosen": 1}\n')
+    good = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: b"}'
+    bad.write_text(good + '\n{"chosen": 1}\n')
     out = tmp_path / "out"
     r = script("train_rm.py", f"--data={bad}", f"--out_dir={out}")
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: {bad}:2: field 'chosen' must be a string, got int"]
+    expected = f"error: {bad}:2: field 'chosen' must be a string, got int"
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [expected]
     assert not out.exists()  # nothing written before the input was validated
     r = script("train_sft.py", "--nope=1")
     assert r.returncode != 0 and "unknown option --nope" in r.stderr
