@@ -24,7 +24,7 @@ from minirlhf.data import encode_prompts, encode_responses, gold_label
 from minirlhf.metarm import difference_objective, meta_step, meta_step_second_order
 from minirlhf.reward import bt_loss, pairwise_accuracy, score
 from minirlhf.rlp import MIBHead, mib_loss, synthetic_preferences
-from minirlhf.runtime import clip_and_check, main, print_table, write_summary
+from minirlhf.runtime import clip_and_check, main, print_table, read_summary, write_summary
 from train_ppo import rl_setup, summarize, train_ppo
 from train_rm import encode_pairs, load_preferences, normalize_on, pair_rewards, rm_accuracy, train_reward_model
 from train_sft import ensure_sft, sample
@@ -148,6 +148,13 @@ def rlp(cfg, source, sft, rm, prefs, device):
     _, history = train_ppo(cfg, source, sft, refined, device, name=f"ppo_{cfg.method}")
     result = {"rm_before": before, "rm_after": after, **stats, **summarize(history)}
     write_summary(cfg, f"refine_{cfg.method}", result)
+    vanilla = read_summary(cfg)["ppo"]
+    print(f"\n=== vanilla PPO vs PPO with the {cfg.method}-refined RM (gold judge, held-out prompts) ===")
+    print_table([dict(policy=f"{name} {when}", iter=h["iter"], gold=h["eval/gold"], kl=h["eval/kl"],
+                      win_rate=h["eval/win_rate"], rm_acc=h["eval/rm_acc_policy_pairs"])
+                 for name, res in (("vanilla", vanilla), (cfg.method, result))
+                 for when, h in (("final", res["final"]), ("peak", res["peak_gold"]))],
+                ["policy", "iter", "gold", "kl", "win_rate", "rm_acc"])
     return result
 
 

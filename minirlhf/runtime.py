@@ -94,15 +94,20 @@ class Metrics:
             return [r for r in map(json.loads, f) if r["stage"] == self.stage]
 
 
+def read_summary(cfg):
+    """out_dir/summary.json as a dict ({} before any stage wrote it)."""
+    path = os.path.join(cfg.out_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_summary(cfg, stage, values):
     """Merge `values` under `stage` into out_dir/summary.json, with the config that produced them."""
-    path = os.path.join(cfg.out_dir, "summary.json")
-    summary = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            summary = json.load(f)
+    summary = read_summary(cfg)
     summary[stage] = {**values, "config": asdict(cfg)}
-    atomic_write_json(summary, path)
+    atomic_write_json(summary, os.path.join(cfg.out_dir, "summary.json"))
 
 
 def print_table(rows, columns):
