@@ -19,6 +19,7 @@ import statistics
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from minirlhf import dist
 from minirlhf.checkpoint import load
 from minirlhf.data import encode_prompts, encode_responses, gold_label
 from minirlhf.metarm import difference_objective, meta_step, meta_step_second_order
@@ -216,6 +217,8 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
 
 def run(cfg):
     device, source, sft, rm = rl_setup(cfg)
+    if dist.world() > 1:
+        raise SystemExit("error: refine.py runs on one process (torchrun: train_sft.py, train_rm.py, train_ppo.py)")
     prefs = load_preferences(cfg)
     if cfg.method in ("uml", "spg", "uml+spg", "oracle", "control"):
         return rlp(cfg, source, sft, rm, prefs, device)

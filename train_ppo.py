@@ -15,6 +15,7 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from minirlhf import dist, ppo
@@ -44,16 +45,23 @@ def critic_values(critic, prompt, prompt_mask, response, resp_mask):
 
 @torch.no_grad()
 def rollout(policy, ref, critic, rm, tok, prompts, cfg, device, generator, kl_coef):
-    """Sample, score, and turn the batch into advantages and returns (everything PPO's epochs need)."""
-    p, pm = encode_prompts(tok, prompts, device, max_len=cfg.block_size - cfg.max_new_tokens)  # §1 left padding
-    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                           temperature=cfg.temperature, generator=generator)  # §1 pure sampling at T
+    """Sample, score, and turn the batch into advantages and returns (everything PPO's epochs need).
+    With torchrun, each rank samples and scores its slice of the prompts; the slices are then gathered, so GAE,
+    whitening and the update see the whole batch on every rank."""
+    p, pm = (dist.shard(t) for t in encode_prompts(tok, prompts, device, max_len=cfg.block_size - cfg.max_new_tokens))
+    first = dist.rank() * len(prompts) // dist.world()
+    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
+                           generator=generator, rows=(first, len(prompts)))  # §1 pure sampling at T
+    N = dist.all_max(r.shape[1])  # every rank pads its responses to the widest rank's
+    r, rmask = F.pad(r, (0, N - r.shape[1]), value=tok.pad_id), F.pad(rmask, (0, N - rmask.shape[1]))
     # old log-probs by the same forward the update uses, so the ratio is exactly 1 before the first step (§1)
     logp = sequence_logprobs(policy, p, pm, r, rmask, cfg.temperature)
     ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)  # §1 same temperature everywhere
     values = critic_values(critic, p, pm, r, rmask)
     finished = (r == tok.eos_id).any(-1)  # §1 truncated at the first EOS; a response without one is penalised
     score = ppo.sequence_reward(score_any(rm, p, pm, r, rmask).float(), finished, cfg.no_eos_penalty)
+    p, pm, r, rmask, logp, ref_logp, values, score, finished = dist.gather_rows(
+        p, pm, r, rmask, logp, ref_logp, values, score, finished)
     rewards, kl = ppo.shaped_rewards(score, logp, ref_logp, rmask, kl_coef)
     advantages, returns = ppo.compute_gae(rewards, values, rmask, cfg.gamma, cfg.lam)
     advantages = ppo.masked_whiten(advantages, rmask)  # §1 whiten over valid tokens, after computing returns
@@ -66,12 +74,15 @@ def rollout(policy, ref, critic, rm, tok, prompts, cfg, device, generator, kl_co
 
 
 def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
-    """K epochs over shuffled minibatches of one rollout batch."""
+    """K epochs over shuffled minibatches of one rollout batch. With torchrun each rank takes its slice of every
+    minibatch; its token-mean losses are weighted by its share of the minibatch's tokens and gradients are summed,
+    which is exactly the whole minibatch's token mean."""
     B = batch["r"].shape[0]
     stats = {}
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(B, generator=generator, device=generator.device).split(cfg.minibatch):
-            mb = {k: v[idx] for k, v in batch.items()}
+            share = batch["rmask"][dist.shard(idx)].sum() / batch["rmask"][idx].sum()
+            mb = {k: v[dist.shard(idx)] for k, v in batch.items()}
             logp, entropy = sequence_logprobs(policy, mb["p"], mb["pm"], mb["r"], mb["rmask"], cfg.temperature,
                                               with_entropy=True)
             pg_loss, pg_stats = ppo.policy_loss(logp, mb["logp"], mb["advantages"], mb["rmask"], cfg.clip)
@@ -79,17 +90,22 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
             vf_loss, vf_stats = ppo.value_loss(values, mb["values"], mb["returns"], mb["rmask"], cfg.vf_clip)
             check_finite(pg_loss + vf_loss, "PPO", 0)
             opt_pi.zero_grad(set_to_none=True)
-            pg_loss.backward()
+            (share * pg_loss).backward()
+            dist.sync_grads(policy.parameters())
             clip_and_check(policy.parameters(), cfg.grad_clip, "PPO policy", 0)
             opt_pi.step()
             opt_v.zero_grad(set_to_none=True)
-            (cfg.vf_coef * vf_loss).backward()  # a separate critic and optimizer: vf_coef only scales its step
+            (share * cfg.vf_coef * vf_loss).backward()  # a separate critic and optimizer: vf_coef only scales its step
+            dist.sync_grads(critic.parameters())
             clip_and_check(critic.parameters(), cfg.grad_clip, "PPO critic", 0)
             opt_v.step()
             step_stats = {**pg_stats, **vf_stats, "ppo/loss/policy": pg_loss.item(), "ppo/loss/value": vf_loss.item(),
                           "objective/entropy": ppo.masked_mean(entropy, mb["rmask"]).item()}
+            # token-weighted like the losses, so that summed over ranks they are the minibatch's; the variance-type
+            # statistics (explained variance, ratio variance) are per-rank estimates combined the same way
             for k, v in step_stats.items():
-                stats[k] = stats.get(k, 0.0) + v / (cfg.ppo_epochs * math.ceil(B / cfg.minibatch))
+                stats[k] = stats.get(k, 0.0) + share.item() * v / (cfg.ppo_epochs * math.ceil(B / cfg.minibatch))
+    return {k: dist.all_sum(v) for k, v in stats.items()}
     return stats
 
 
@@ -114,7 +130,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
               else ppo.FixedKLController(cfg.kl_coef))
     eval_prompts = task.sample_prompts(cfg.eval_prompts, random.Random(cfg.seed + 2), "eval")
-    sft_gold = sft_baseline(ref, rm, source, eval_prompts, cfg, device)
+    sft_gold = sft_baseline(ref, rm, source, eval_prompts, cfg, device) if dist.is_main() else None
     ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
     start, history = 0, []
     if cfg.resume and os.path.exists(ckpt_path):
@@ -128,6 +144,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
     metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")  # rows after the checkpoint: replayed
 
     def do_eval(it):
+        if not dist.is_main():  # with torchrun rank 0 judges; the policy is the same on every rank
+            return
         with autocast(cfg, device):
             ev = evaluate(policy, ref, rm, task, tok, eval_prompts, sft_gold, cfg, device,
                           iteration_rng(cfg, it, device, 2)[1])
@@ -140,7 +158,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
             print_table([dict(prompt=p, response=y, proxy=float(s), gold=float(g)) for p, y, s, g in samples[:4]],
                         ["prompt", "response", "proxy", "gold"])
 
-    bar = tqdm(range(start, cfg.iters), desc=name, mininterval=1.0, initial=start, total=cfg.iters)
+    bar = tqdm(range(start, cfg.iters), desc=name, mininterval=1.0, initial=start, total=cfg.iters,
+               disable=not dist.is_main())
     for it in bar:
         if it % cfg.eval_every == 0 and not (history and history[-1]["iter"] == it):
             do_eval(it)
@@ -148,7 +167,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)
         with autocast(cfg, device):
             batch, stats = rollout(policy, ref, critic, rm, tok, prompts, cfg, device, gen, kl_ctl.value)
-            stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, gen))
+            # the minibatch order has its own generator: how many steps a rank sampled must not change it
+            stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, iteration_rng(cfg, it, device, 3)[1]))
         kl_ctl.update(stats["objective/kl"], cfg.rollout_batch)
         metrics.log(iter=it, **stats)
         bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}")
@@ -191,13 +211,13 @@ def rl_setup(cfg):
     source = get_source(cfg)
     if not source.has_gold:
         raise SystemExit("error: RL stages need an embedded task with a gold judge (--data is for train_rm.py only)")
-    if dist.world() > 1:
-        raise SystemExit("error: PPO and refine.py run on one process for now (torchrun: train_sft.py, train_rm.py)")
     return device, source, ensure_sft(cfg).to(device).eval(), ensure_rm(cfg, device)
 
 
 def run(cfg):
     device, source, sft, rm = rl_setup(cfg)
+    if cfg.method == "bon" and dist.world() > 1:
+        raise SystemExit("error: --method=bon runs on one process")
     if cfg.method == "bon":
         rows = best_of_n(cfg, source, sft, rm, device)
         write_summary(cfg, "bon", {"curve": rows})
@@ -205,6 +225,8 @@ def run(cfg):
     if cfg.method != "ppo":
         raise SystemExit(f"error: --method={cfg.method!r}: expected 'ppo' or 'bon'")
     _, history = train_ppo(cfg, source, sft, rm, device)
+    if not dist.is_main():
+        return None
     summary = summarize(history)
     write_summary(cfg, "ppo", summary)
     print("\n=== SFT vs PPO, judged by the gold reward on held-out prompts ===")

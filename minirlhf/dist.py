@@ -60,3 +60,24 @@ def barrier():
     """Wait for every rank (e.g. until rank 0 has written a checkpoint the others will read)."""
     if world() > 1:
         dist.barrier()
+
+
+def all_max(n):
+    """Largest int over ranks (e.g. the response width every rank must pad to)."""
+    if world() == 1:
+        return n
+    t = torch.tensor(n)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def gather_rows(*tensors):
+    """Concatenate each rank's tensor along dim 0, in rank order (equal shapes on every rank)."""
+    if world() == 1:
+        return tensors
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(world())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)

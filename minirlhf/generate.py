@@ -37,15 +37,19 @@ def _filter_logits(logits, top_k, top_p):
 
 @torch.no_grad()
 def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
-             greedy=False, stop_early=True, generator=None, check_every=8):
+             greedy=False, stop_early=True, generator=None, check_every=8, rows=None):
     """Sample up to `max_new_tokens` per row. Returns (response (B, N), logprobs (B, N), response_mask (B, N)).
 
     logprobs are under the distribution actually sampled from (temperature, then top-k/top-p); 0 on padding.
     Rows that emitted EOS keep producing PAD. With `stop_early`, the loop ends once every row is done, checked
     only every `check_every` steps so that CUDA never waits on the host each token; `stop_early=False` is the
     fixed-length mode (exactly max_new_tokens steps, no host sync at all).
+    Sampling is by inverse CDF with one uniform per row and step. `rows=(first, total)` says this batch is rows
+    first.. of a global batch of `total` (data parallel): uniforms are drawn for the whole global batch, so a row
+    gets the same tokens however the batch is split across processes.
     """
     B, P = prompt.shape
+    first, total = rows or (0, B)
     device = prompt.device
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, B, P + max_new_tokens, device, dtype)
@@ -62,7 +66,10 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
         if greedy:
             tok = logits.argmax(-1)
         else:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            u = torch.rand(total, generator=generator, device=device)[first:first + B, None]  # (B, 1)
+            cdf = logp.exp().cumsum(-1)
+            # right=True skips zero-probability tokens; the clamp covers a float cdf ending just below 1
+            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
         tok = torch.where(done, pad_id, tok)
         response[:, t] = tok
         logprobs[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
