@@ -150,8 +150,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
             ev = evaluate(policy, ref, rm, task, tok, eval_prompts, sft_gold, cfg, device,
                           iteration_rng(cfg, it, device, 2)[1])
         samples = ev.pop("samples")
-        history.append({"iter": it, **ev})
-        metrics.log(iter=it, **ev)
+        history.append({"iter": it, **ev})  # with per-prompt gold: the report compares policies prompt by prompt
+        metrics.log(iter=it, **{k: v for k, v in ev.items() if k != "gold_per_prompt"})
         if it % cfg.sample_every == 0 or it == cfg.iters:
             print(f"\n--- iteration {it}: gold {ev['eval/gold']:.3f}  proxy {ev['eval/proxy']:.3f}  "
                   f"KL {ev['eval/kl']:.2f}  win-rate vs SFT {ev['eval/win_rate']:.3f}")
@@ -200,9 +200,10 @@ def best_of_n(cfg, source, sft, rm, device):
 
 
 def summarize(history):
-    final = history[-1]
+    """The iteration-0 (SFT), final and peak-gold evaluations, and the whole curve (iter, KL, proxy, gold)."""
     peak = max(history, key=lambda h: h["eval/gold"])
-    return {"sft": history[0], "final": final, "peak_gold": peak}
+    curve = [{k: h[k] for k in ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate")} for h in history]
+    return {"sft": history[0], "final": history[-1], "peak_gold": peak, "curve": curve}
 
 
 def rl_setup(cfg):

@@ -151,6 +151,8 @@ class Config:
     """MetaRM: S_r is sampled at the PPO temperature plus this ('a little above')."""
     meta_second_order: bool = False
     """MetaRM: differentiate through the inner step (not what the paper ran; slower)."""
+    seeds: int = 5
+    """experiments.py: seeds per task (each: its own SFT, proxy RM and every method)."""
     ood: bool = False
     """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays in-distribution)."""
 

@@ -52,6 +52,7 @@ def evaluate(policy, ref, rm, task, tok, prompts, sft_gold, cfg, device, generat
             "eval/proxy_gold_corr": _corr(proxy_a, gold_a),
             "eval/proxy_diff_std": float(np.std(proxy_a - proxy_b)),
             "eval/gold_diff_std": float(np.std(gold_a - gold_b)),
+            "gold_per_prompt": gold_a.tolist(),
             "samples": list(zip(prompts[:8], a[:8], proxy_a[:8].tolist(), gold_a[:8].tolist()))}
 
 

@@ -1,0 +1,183 @@
+"""The reproduction report (TASK.md's comparison protocol): every method x several seeds, in one command.
+
+    python experiments.py --seeds=5                  # the embedded `reviews` task
+    python experiments.py --seeds=5 --task=arith
+    python experiments.py --preset=smoke --seeds=1   # seconds: every output file, meaningless numbers
+
+Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with the same PPO
+budget (--iters). Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes.
+Writes out_dir/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
+"""
+import csv
+import json
+import math
+import os
+from dataclasses import replace
+
+from tqdm import tqdm
+
+import refine
+from minirlhf.checkpoint import atomic_write_json
+from minirlhf.evaluate import win_tie_lose
+from minirlhf.report import fmt, gold_at_kl, mean_ci
+from minirlhf.runtime import main, read_summary
+from train_ppo import best_of_n, rl_setup, summarize, train_ppo
+from train_rm import ensure_rm, load_preferences
+
+RLP = ("uml", "spg", "uml+spg", "oracle", "control")
+METHODS = ("bon", "ppo") + RLP + ("ensemble-mean", "ensemble-min", "metarm", "vanilla-rounds")
+MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
+
+
+def run_cell(cfg, method):
+    """One method on one seed; returns what the report needs (JSON-able)."""
+    device, source, sft, rm = rl_setup(cfg)
+    if method == "bon":
+        return {"curve": best_of_n(cfg, source, sft, rm, device)}
+    if method == "ppo":
+        refine.vanilla_policy(cfg, source, sft, rm, device)
+        return read_summary(cfg)["ppo"]
+    prefs = load_preferences(cfg)
+    if method in RLP:
+        return refine.rlp(replace(cfg, method=method), source, sft, rm, prefs, device)
+    if method.startswith("ensemble"):  # Coste et al.: 3 RMs from different seeds (member 0 is the proxy itself)
+        ens_cfg = replace(cfg, ensemble=3, ensemble_agg=method.split("-")[1])
+        _, history = train_ppo(ens_cfg, source, sft, ensure_rm(ens_cfg, device), device, name=f"ppo_{method}")
+        return summarize(history)
+    eta = cfg.meta_eta if method == "metarm" else 0.0
+    return {"rounds": refine.meta_rounds(replace(cfg, method=method), source, sft, prefs, device, eta)}
+
+
+def policies(cell, method):
+    """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round."""
+    if method == "bon":
+        return []
+    if "rounds" in cell:
+        return [(f"{method} r{r['round']}", r) for r in cell["rounds"]]
+    return [(method, cell)]
+
+
+def write_report(cfg, results):
+    """report.md and curves.csv (and curves.png) from results.json."""
+    seeds = sorted({k.split("/")[1] for k in results if k.startswith(cfg.task + "/")})
+    cell = {(s, m): results.get(f"{cfg.task}/{s}/{m}") for s in seeds for m in METHODS}
+    names = []  # every policy name in report order, and its summaries per seed
+    per_seed = {}
+    for m in METHODS[1:]:
+        for s in seeds:
+            for name, summ in policies(cell[(s, m)] or {}, m):
+                if name not in per_seed:
+                    names.append(name)
+                per_seed.setdefault(name, {})[s] = summ
+    lines = [f"# minirlhf reproduction report: `{cfg.task}`, {len(seeds)} seed(s)", "",
+             f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on {cfg.eval_prompts} held-out "
+             "prompts; win-rate vs SFT counts ties as half. 'final' is the last PPO iteration, 'peak' the best-gold "
+             "evaluation.", "",
+             "## Gold win-rate vs SFT and gold reward", "",
+             "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak | KL (final) |",
+             "|---|---|---|---|---|---|"]
+
+    def agg(name, get):
+        vals = [v for v in map(get, per_seed[name].values()) if v is not None]
+        return fmt(*mean_ci(vals), len(vals)) if vals else "n/a"
+
+    sft_row = {s: summ["sft"] for s, summ in per_seed.get("ppo", {}).items()}
+    if sft_row:
+        per_seed["SFT"] = {s: {"final": h, "peak_gold": h} for s, h in sft_row.items()}
+    for name in (["SFT"] if sft_row else []) + names:
+        cols = [lambda x: 100 * x["final"]["eval/win_rate"], lambda x: x["final"]["eval/gold"],
+                lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
+                lambda x: x["final"]["eval/kl"]]
+        lines.append(f"| {name} | " + " | ".join(agg(name, c) for c in cols) + " |")
+    bon = [cell[(s, "bon")] for s in seeds if cell[(s, "bon")]]
+    if bon:
+        lines += ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "", "| n | KL | proxy | gold |",
+                  "|---|---|---|---|"]
+        for i, row in enumerate(bon[0]["curve"]):
+            proxy, gold = ([b["curve"][i][k] for b in bon] for k in ("proxy", "gold"))
+            lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
+                         f"{fmt(*mean_ci(gold), len(bon))} |")
+    lines += ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO (per prompt, mean over "
+              "seeds)", "", "| policy | vs SFT | vs vanilla PPO |", "|---|---|---|"]
+    for name in names:
+        vs_sft, vs_ppo = [], []
+        for s, x in per_seed[name].items():
+            f = x["final"]
+            vs_sft.append((f["eval/win"], f["eval/tie"], f["eval/lose"]))
+            if "ppo" in per_seed and s in per_seed["ppo"]:
+                w = win_tie_lose(f["gold_per_prompt"], per_seed["ppo"][s]["final"]["gold_per_prompt"])
+                vs_ppo.append((w["win"], w["tie"], w["lose"]))
+        show = lambda t: "/".join(f"{100 * sum(x[i] for x in t) / len(t):.0f}" for i in range(3)) if t else "n/a"
+        lines.append(f"| {name} | {show(vs_sft)} | {show(vs_ppo)} |")
+    lines += ["", "## Gold at matched KL (interpolated along each run) ", "",
+              "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |", "|---" * (len(MATCHED_KL) + 1) + "|"]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
+                                                 for k in MATCHED_KL) + " |")
+    lines += ["", "## Diagnostics (final policy)", "",
+              "| policy | RM acc held-out SFT pairs | RM acc policy pairs | proxy-gold corr | reward-diff std | "
+              "SPG acceptance | SPG gold agreement |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        cols = [lambda x: x.get("rm_after", x).get("held_out_acc_gold"),
+                lambda x: x["final"]["eval/rm_acc_policy_pairs"], lambda x: x["final"]["eval/proxy_gold_corr"],
+                lambda x: x["final"]["eval/proxy_diff_std"], lambda x: x.get("spg/acceptance"),
+                lambda x: x.get("spg/gold_agreement")]
+        lines.append(f"| {name} | " + " | ".join(agg(name, c) for c in cols) + " |")
+    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    write_curves(cfg, seeds, per_seed, names, bon)
+
+
+def write_curves(cfg, seeds, per_seed, names, bon):
+    """curves.csv (always) and curves.png (with matplotlib): gold and proxy vs sqrt(KL) per method, and BoN."""
+    rows = [{"method": name, "seed": s, "iter": p["iter"], "kl": p["eval/kl"],
+             "sqrt_kl": math.sqrt(max(0.0, p["eval/kl"])), "proxy": p["eval/proxy"], "gold": p["eval/gold"]}
+            for name in names for s, x in per_seed[name].items() for p in x["curve"]]
+    rows += [{"method": "best-of-n", "seed": s, "iter": r["n"], "kl": r["kl"], "sqrt_kl": math.sqrt(r["kl"]),
+              "proxy": r["proxy"], "gold": r["gold"]} for s, b in zip(seeds, bon) for r in b["curve"]]
+    path = os.path.join(cfg.out_dir, "curves.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "iter", "kl", "sqrt_kl", "proxy", "gold"])
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+    for c, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        for ax, key in zip(axes, ("gold", "proxy")):
+            for i, s in enumerate(seeds):  # one thin line per seed, one colour per method
+                pts = [r for r in rows if r["method"] == method and r["seed"] == s]
+                ax.plot([r["sqrt_kl"] for r in pts], [r[key] for r in pts], lw=1, alpha=0.8,
+                        label=method if i == 0 else None, color=f"C{c % 10}")
+    for ax, key in zip(axes, ("gold reward", "proxy reward")):
+        ax.set_xlabel("sqrt(KL to SFT)")
+        ax.set_ylabel(key)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(cfg.out_dir, "curves.png"), dpi=120)
+
+
+def run(cfg):
+    path = os.path.join(cfg.out_dir, "results.json")
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    cells = [(k, m) for k in range(cfg.seeds) for m in METHODS]
+    for k, method in tqdm(cells, desc=f"report {cfg.task}"):
+        key = f"{cfg.task}/seed{k}/{method}"
+        if key not in results:  # finished cells are never rerun
+            seed_cfg = replace(cfg, seed=k, out_dir=os.path.join(cfg.out_dir, cfg.task, f"seed{k}"))
+            results[key] = run_cell(seed_cfg, method)
+            atomic_write_json(results, path)
+    write_report(cfg, results)
+    print(f"wrote {cfg.out_dir}/results.json, report.md, curves.csv")
+    return results
+
+
+if __name__ == "__main__":
+    main(run, out_dir="out_report")

@@ -1,0 +1,43 @@
+import json
+import math
+import os
+
+import pytest
+
+from minirlhf.report import fmt, gold_at_kl, mean_ci, t95
+
+
+def test_mean_ci_by_hand():
+    mean, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0
+    assert math.isclose(half, 2.776 * math.sqrt(2.5) / math.sqrt(5), rel_tol=1e-9)  # t(0.975, df=4) = 2.776
+    assert mean_ci([7.0]) == (7.0, 0.0)
+    assert t95(12) == t95(10) and t95(200) == 1.96
+    assert fmt(1.0, 0.5, 3) == "1.000 ± 0.500" and fmt(1.0, 0.0, 1) == "1.000"
+
+
+def test_gold_at_matched_kl_interpolates_first_crossing():
+    curve = [{"eval/kl": 0.0, "eval/gold": 1.0}, {"eval/kl": 2.0, "eval/gold": 3.0},
+             {"eval/kl": 1.0, "eval/gold": 0.0}, {"eval/kl": 4.0, "eval/gold": -1.0}]
+    assert gold_at_kl(curve, 1.0) == pytest.approx(2.0)  # between the first two evaluations
+    assert gold_at_kl(curve, 3.0) == pytest.approx(-2 / 3)  # the 1.0 -> 4.0 segment: 0 + (2/3) * (-1)
+    assert gold_at_kl(curve, 9.0) is None
+
+
+def test_experiments_smoke_writes_every_file(tmp_path):
+    import experiments
+    from minirlhf.config import parse_args
+    out = tmp_path / "rep"
+    cfg = parse_args(["--preset=smoke", "--seeds=1", f"--out_dir={out}", "--rounds=1", "--iters=2", "--bon_max=2",
+                      "--rm_pairs=48", "--eval_prompts=8"])
+    results = experiments.run(cfg)
+    assert set(k.split("/")[-1] for k in results) == set(experiments.METHODS)
+    for name in ("results.json", "report.md", "curves.csv"):
+        assert os.path.getsize(out / name) > 0
+    report = (out / "report.md").read_text()
+    for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "metarm r1"):
+        assert section in report
+    with open(out / "results.json") as f:
+        assert json.load(f) == results
+    again = experiments.run(cfg)  # resumes: every cell is already there, nothing reruns
+    assert again == results
