@@ -124,7 +124,7 @@ def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=
         i = (step % steps_per_epoch) * cfg.rm_batch
         with autocast(cfg, device):
             stats = step_fn(rm, opt, tok, order[i:i + cfg.rm_batch], cfg, device)
-        check_finite(torch.tensor(stats["loss"]), desc, step)
+        check_finite(stats["loss"], desc, step)
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
     rm.gpt.set_dropout(0.0)
     if aux is not None:

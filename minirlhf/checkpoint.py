@@ -1,18 +1,20 @@
-"""Crash-safe checkpoints: atomic writes, code-free loads, and the RNG states an exact resume needs."""
+"""Crash-safe checkpoints: atomic writes and code-free loads.
+
+An exact resume needs no saved RNG state: every script derives each step's randomness from (seed, step)."""
 import json
 import os
 import pickle
-import random
 import tempfile
+from dataclasses import asdict
 
-import numpy as np
 import torch
+
+from . import dist
 
 
 def _atomic_write(path, write):
     """Write via a temp file in the same folder + fsync + rename: a crash leaves the old file or the new one.
     Under torchrun only rank 0 writes."""
-    from . import dist
     if not dist.is_main():
         return
     folder = os.path.dirname(os.path.abspath(path))
@@ -53,28 +55,8 @@ def load(path):
         raise ValueError(f"{path}: corrupt or truncated checkpoint: {e}") from e
 
 
-def rng_state():
-    """Every RNG a run draws from, as tensors and plain containers (so weights_only loading accepts it)."""
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": int(np.random.get_state()[2]),
-             "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(int(x) for x in state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_model(path, model, **meta):
     """A GPT or ScalarModel with the GPTConfig needed to rebuild it (plain dicts: weights_only-loadable)."""
-    from dataclasses import asdict
     gpt = getattr(model, "gpt", model)
     atomic_save({"model": model.state_dict(), "gpt_config": asdict(gpt.cfg), **meta}, path)
 

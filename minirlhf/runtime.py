@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 
 from . import dist
 from .checkpoint import atomic_write_json
+from .config import parse_args
+from .data import DataError
 
 
 def setup(cfg):
@@ -56,9 +59,6 @@ def clip_and_check(params, max_norm, what, step):
 
 def main(run, **script_defaults):
     """A script's entry point: bad input ends in one clear line on stderr and exit code 1, not a traceback."""
-    import sys
-    from .config import parse_args
-    from .data import DataError
     try:
         run(parse_args(**script_defaults))
     except (DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
