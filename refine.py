@@ -21,13 +21,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minirlhf import dist
 from minirlhf.checkpoint import load
-from minirlhf.data import encode_prompts, encode_responses, gold_label
+from minirlhf.data import encode_prompts, encode_responses
 from minirlhf.metarm import difference_objective, meta_step, meta_step_second_order
 from minirlhf.reward import bt_loss, pairwise_accuracy, score
 from minirlhf.rlp import MIBHead, mib_loss, synthetic_preferences
 from minirlhf.runtime import clip_and_check, main, print_table, read_summary, write_summary
 from train_ppo import rl_setup, summarize, train_ppo
-from train_rm import encode_pairs, load_preferences, normalize_on, pair_rewards, rm_accuracy, train_reward_model
+from train_rm import (encode_pairs, gold_labelled, load_preferences, normalize_on, pair_rewards, rm_accuracy,
+                      score_texts, train_reward_model)
 from train_sft import ensure_sft, sample
 
 
@@ -37,29 +38,19 @@ def policy_samples(policy, source, prompts, n, temperature, cfg, device, generat
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-@torch.no_grad()
 def rm_scores(rm, tok, prompts, samples, cfg, device):
     """RM scores (per prompt, a list of n floats) of each prompt's samples."""
-    flat_p = [p for p, ys in zip(prompts, samples) for _ in ys]
-    flat_y = [y for ys in samples for y in ys]
-    out = []
-    for i in range(0, len(flat_p), 256):
-        p, pm = encode_prompts(tok, flat_p[i:i + 256], device, max_len=cfg.block_size - cfg.max_new_tokens)
-        r, rmask = encode_responses(tok, flat_y[i:i + 256], cfg.max_new_tokens, device)
-        out += score(rm, p, pm, r, rmask).tolist()
+    flat = score_texts(rm, tok, [p for p, ys in zip(prompts, samples) for _ in ys], [y for ys in samples for y in ys],
+                       cfg, device).tolist()
     n = len(samples[0])
-    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
-def policy_pairs(task, prompts, samples):
+def policy_pairs(task, prompts, samples, cfg):
     """Clean gold-labelled pairs (prompt, better, worse) of two distinct samples per prompt (gold ties dropped):
     how well does an RM rank what the policy actually writes?"""
-    pairs = []
-    for p, ys in zip(prompts, samples):
-        a, b = ys[0], next((y for y in ys[1:] if y != ys[0]), None)
-        if b is not None and task.gold(p, a) != task.gold(p, b):
-            pairs.append((p, a, b) if task.gold(p, a) > task.gold(p, b) else (p, b, a))
-    return pairs
+    firsts = ((p, ys[0], next((y for y in ys[1:] if y != ys[0]), None)) for p, ys in zip(prompts, samples))
+    return gold_labelled(task, [(p, a, b) for p, a, b in firsts if b is not None], cfg, None, noisy=False)
 
 
 def uml_step(prompts, samples, rng):
@@ -121,7 +112,7 @@ def rlp(cfg, source, sft, rm, prefs, device):
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
     P = policy_samples(policy, source, prompts, cfg.n_samples, 1.0, cfg, device,
                        torch.Generator(device).manual_seed(cfg.seed + 30))  # RLP: n = 10 samples at T = 1.0
-    pol_pairs = policy_pairs(task, prompts, P)
+    pol_pairs = policy_pairs(task, prompts, P, cfg)
     before = {"rm_acc_policy_pairs": rm_accuracy(rm, tok, pol_pairs, cfg, device),
               "held_out_acc_gold": rm_accuracy(rm, tok, prefs["held_clean"], cfg, device)}
     pairs, step_fn, aux, stats = list(prefs["train"]), None, None, {}
@@ -133,10 +124,7 @@ def rlp(cfg, source, sft, rm, prefs, device):
     if "uml" in cfg.method:
         step_fn, aux = uml_step(prompts, P, rng), MIBHead(sft.cfg.n_embd, cfg.z_dim)
     if cfg.method == "oracle":  # the same policy pairs, labelled by the gold labeller: what perfect SPG would give
-        for p, ys in zip(prompts, P):
-            if ys[0] != ys[1]:
-                a_wins = gold_label(task, p, ys[0], ys[1], cfg.label_tau, cfg.label_flip, rng)
-                pairs.append((p, ys[0], ys[1]) if a_wins else (p, ys[1], ys[0]))
+        pairs += gold_labelled(task, [(p, ys[0], ys[1]) for p, ys in zip(prompts, P) if ys[0] != ys[1]], cfg, rng)
         stats = {"oracle/pairs": len(pairs) - len(prefs["train"])}
     refined = train_reward_model(sft, tok, pairs, cfg, device, seed=cfg.seed + 31, aux=aux, desc=cfg.method,
                                  **({"step_fn": step_fn} if step_fn else {}))
@@ -176,7 +164,7 @@ def meta_rounds(cfg, source, sft, prefs, device, eta):
         J = difference_objective(torch.tensor(rm_scores(rm, tok, prompts, S, cfg, device))).item()
         rm_row = {"J_policy_samples": J, "shift_norm": statistics.mean(s["shift_norm"] for s in log),
                   "held_out_acc_gold": rm_accuracy(rm, tok, prefs["held_clean"], cfg, device),
-                  "rm_acc_policy_pairs": rm_accuracy(rm, tok, policy_pairs(task, prompts, S), cfg, device)}
+                  "rm_acc_policy_pairs": rm_accuracy(rm, tok, policy_pairs(task, prompts, S, cfg), cfg, device)}
         policy, history = train_ppo(cfg, source, sft, rm, device, name=f"{cfg.method}_r{r}", init_policy=policy,
                                     prompt_split=split)
         rows.append({"round": r, **rm_row, **summarize(history)})
@@ -209,7 +197,7 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
                      "J_policy_samples": difference_objective(torch.tensor(rm_scores(rm, tok, prompts, S, cfg,
                                                                                      device))).item(),
                      "held_out_acc_gold": rm_accuracy(rm, tok, prefs["held_clean"], cfg, device),
-                     "rm_acc_policy_pairs": rm_accuracy(rm, tok, policy_pairs(task, prompts, S), cfg, device)})
+                     "rm_acc_policy_pairs": rm_accuracy(rm, tok, policy_pairs(task, prompts, S, cfg), cfg, device)})
     print_table(rows, list(rows[0]))
     write_summary(cfg, "eta_sweep", {"rows": rows})
     return rows

@@ -49,7 +49,7 @@ def rollout(policy, ref, critic, rm, tok, prompts, cfg, device, generator, kl_co
     With torchrun, each rank samples and scores its slice of the prompts; the slices are then gathered, so GAE,
     whitening and the update see the whole batch on every rank."""
     p, pm = (dist.shard(t) for t in encode_prompts(tok, prompts, device, max_len=cfg.block_size - cfg.max_new_tokens))
-    first = dist.rank() * len(prompts) // dist.world()
+    first = dist.shard_bounds(len(prompts))[0]
     r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
                            generator=generator, rows=(first, len(prompts)))  # §1 pure sampling at T
     N = dist.all_max(r.shape[1])  # every rank pads its responses to the widest rank's

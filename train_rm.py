@@ -19,7 +19,7 @@ from tqdm import tqdm
 from minirlhf import dist
 from minirlhf.checkpoint import atomic_write_json, load_model, save_model
 from minirlhf.data import encode_prompts, encode_responses, gold_label
-from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from, score, score_any
+from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from, score_any
 from minirlhf.runtime import Metrics, autocast, check_finite, clip_and_check, cosine_lr, main, setup, write_summary
 from minirlhf.sources import get_source
 from train_sft import ensure_sft, sample
@@ -133,12 +133,19 @@ def train_reward_model(sft, tok, pairs, cfg, device, seed, epochs=None, step_fn=
 
 
 @torch.no_grad()
+def score_texts(rm, tok, prompts, responses, cfg, device, batch=256):
+    """RM scores (N,) of (prompt, response) texts, `batch` at a time."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        p, pm = encode_prompts(tok, prompts[i:i + batch], device, max_len=cfg.block_size - cfg.max_new_tokens)
+        r, rmask = encode_responses(tok, responses[i:i + batch], cfg.max_new_tokens, device)
+        out.append(score_any(rm, p, pm, r, rmask))
+    return torch.cat(out)
+
+
 def normalize_on(rm, tok, prompts, responses, cfg, device):
     """normalize() on the RM's scores of (prompt, response) SFT samples."""
-    p, pm = encode_prompts(tok, prompts, device, max_len=cfg.block_size - cfg.max_new_tokens)
-    r, rmask = encode_responses(tok, responses, cfg.max_new_tokens, device)
-    return normalize(rm, torch.cat([score(rm, p[i:i + 256], pm[i:i + 256], r[i:i + 256], rmask[i:i + 256])
-                                    for i in range(0, len(prompts), 256)]))
+    return normalize(rm, score_texts(rm, tok, prompts, responses, cfg, device))
 
 
 def run(cfg):

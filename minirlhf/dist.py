@@ -33,10 +33,16 @@ def is_main():
     return rank() == 0
 
 
+def shard_bounds(n):
+    """(start, stop) of this rank's contiguous slice of a global batch of n."""
+    r, w = rank(), world()
+    return r * n // w, (r + 1) * n // w
+
+
 def shard(items):
     """This rank's contiguous slice of a global batch (a list or a tensor's first dimension)."""
-    n, r, w = len(items), rank(), world()
-    return items[r * n // w:(r + 1) * n // w]
+    start, stop = shard_bounds(len(items))
+    return items[start:stop]
 
 
 def all_sum(x):
