@@ -1,8 +1,10 @@
 """The reproduction report (TASK.md's comparison protocol): every method x several seeds, in one command.
 
-    python experiments.py --seeds=5                  # the embedded `reviews` task
+    python experiments.py --seeds=5                  # the embedded `reviews` task, preset 'report'
     python experiments.py --seeds=5 --task=arith
     python experiments.py --preset=smoke --seeds=1   # seconds: every output file, meaningless numbers
+    python experiments.py --first_seed=3 --seeds=2   # seeds 3 and 4 only, e.g. in a second process beside one
+                                                     # running --seeds=3 on the same out_dir
 
 Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with the same PPO
 budget (--iters). Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes.
@@ -161,23 +163,38 @@ def write_curves(cfg, seeds, per_seed, names, bon):
     fig.savefig(os.path.join(cfg.out_dir, "curves.png"), dpi=120)
 
 
-def run(cfg):
-    path = os.path.join(cfg.out_dir, "results.json")
+def load_results(out_dir):
+    """Every finished cell: results.json merged with out_dir/cells/, where each cell lands as its own file the
+    moment it finishes (so processes that split the seeds with --first_seed can share one out_dir)."""
+    path, cells = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "cells")
     results = {}
     if os.path.exists(path):
         with open(path) as f:
             results = json.load(f)
-    cells = [(k, m) for k in range(cfg.seeds) for m in METHODS]
+    for name in sorted(os.listdir(cells)) if os.path.isdir(cells) else []:
+        if not name.endswith(".json"):  # another process's temp file, mid-write
+            continue
+        with open(os.path.join(cells, name)) as f:
+            results.update(json.load(f))
+    atomic_write_json(results, path)
+    return results
+
+
+def run(cfg):
+    results = load_results(cfg.out_dir)
+    cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in METHODS]
     for k, method in tqdm(cells, desc=f"report {cfg.task}"):
         key = f"{cfg.task}/seed{k}/{method}"
         if key not in results:  # finished cells are never rerun
             seed_cfg = replace(cfg, seed=k, out_dir=os.path.join(cfg.out_dir, cfg.task, f"seed{k}"))
-            results[key] = run_cell(seed_cfg, method)
-            atomic_write_json(results, path)
+            cell = {key: run_cell(seed_cfg, method)}
+            atomic_write_json(cell, os.path.join(cfg.out_dir, "cells", key.replace("/", "-") + ".json"))
+            results.update(cell)
+    results = load_results(cfg.out_dir)
     write_report(cfg, results)
     print(f"wrote {cfg.out_dir}/results.json, report.md, curves.csv")
     return results
 
 
 if __name__ == "__main__":
-    main(run, out_dir="out_report")
+    main(run, out_dir="out_report", preset="report")

@@ -10,11 +10,13 @@
 
 RLP (one round): vanilla PPO policy (out_dir/ppo.pt, trained if missing) -> n samples per unlabelled prompt ->
 RM retrained from SFT -> normalised -> PPO again from SFT with it. MetaRM: round r samples the latest policy,
-trains a fresh RM for one epoch on D with meta steps, and continues PPO from the previous round's policy.
+trains a fresh RM for one epoch on D with meta steps, and continues PPO from the previous round's policy for
+iters // rounds iterations, so the R rounds together get vanilla PPO's budget.
 """
 import os
 import random
 import statistics
+from dataclasses import replace
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -149,6 +151,8 @@ def rlp(cfg, source, sft, rm, prefs, device):
 
 def meta_rounds(cfg, source, sft, prefs, device, eta):
     """MetaRM rounds (eta = 0: the vanilla-rounds control, the same loop without the meta ascent)."""
+    if cfg.iters < cfg.rounds:
+        raise SystemExit(f"error: --iters={cfg.iters} is shared by the rounds, so it must be >= --rounds={cfg.rounds}")
     task, tok = source.task, source.tokenizer
     split = "ood" if cfg.ood else "unlabelled"
     policy, rows = sft, []
@@ -165,8 +169,9 @@ def meta_rounds(cfg, source, sft, prefs, device, eta):
         rm_row = {"J_policy_samples": J, "shift_norm": statistics.mean(s["shift_norm"] for s in log),
                   "held_out_acc_gold": rm_accuracy(rm, tok, prefs["held_clean"], cfg, device),
                   "rm_acc_policy_pairs": rm_accuracy(rm, tok, policy_pairs(task, prompts, S, cfg), cfg, device)}
-        policy, history = train_ppo(cfg, source, sft, rm, device, name=f"{cfg.method}_r{r}", init_policy=policy,
-                                    prompt_split=split)
+        # The rounds share vanilla PPO's budget (cfg.iters in all), so round R is compared at equal PPO compute.
+        policy, history = train_ppo(replace(cfg, iters=cfg.iters // cfg.rounds), source, sft, rm, device,
+                                    name=f"{cfg.method}_r{r}", init_policy=policy, prompt_split=split)
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())
               + f", final gold {history[-1]['eval/gold']:.3f}, win-rate {history[-1]['eval/win_rate']:.3f}")

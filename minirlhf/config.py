@@ -29,7 +29,8 @@ class Config:
     ckpt_every: int = 100
     """SFT steps between resumable checkpoints (PPO checkpoints at every evaluation)."""
     preset: str = "default"
-    """'smoke' (seconds, for tests), 'default' (the CPU run) or 'gpu' (a bigger model for one GPU)."""
+    """'smoke' (seconds, for tests), 'default' (the CPU run), 'report' (experiments.py's multi-seed run on a CPU) or
+    'gpu' (a bigger model for one GPU)."""
     # ---- model ----
     n_layer: int = 4
     """Transformer blocks."""
@@ -139,7 +140,8 @@ class Config:
     spg_rank: str = "cluster"
     """RLP-SPG: 'cluster' (the paper) or 'rm' (ablation: RM-best vs RM-worst sample, no clustering)."""
     rounds: int = 3
-    """MetaRM: refinement rounds (RM retrained, PPO continued, each round)."""
+    """MetaRM: refinement rounds (RM retrained, PPO continued for iters // rounds, each round: in all, vanilla
+    PPO's budget)."""
     meta_k: int = 5
     """MetaRM: policy samples per prompt in the difference objective."""
     meta_prompts: int = 8
@@ -154,6 +156,8 @@ class Config:
     """MetaRM: differentiate through the inner step (not what the paper ran; slower)."""
     seeds: int = 5
     """experiments.py: seeds per task (each: its own SFT, proxy RM and every method)."""
+    first_seed: int = 0
+    """experiments.py: the seeds run are first_seed .. first_seed + seeds - 1."""
     ood: bool = False
     """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays in-distribution)."""
 
@@ -173,6 +177,10 @@ PRESETS = {
                   rm_batch=16, iters=3, rollout_batch=8, minibatch=4, ppo_epochs=2, eval_every=2, eval_prompts=16,
                   sample_every=2, max_new_tokens=24, bon_max=8),
     "default": {},
+    # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per iteration), 40
+    # iterations, a smaller human budget D; about 20 min per seed of `reviews` on one core. Vanilla PPO still
+    # over-optimises clearly (gold peaks by iteration 5-20, then falls).
+    "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=128, rm_pairs=1000, rounds=2),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4, rm_lr=5e-5,
                 rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256, minibatch=64),
 }

@@ -187,7 +187,7 @@ class Arith:
     `N`). The stated answer is the last number. Chattier demonstrations are more often correct (spurious)."""
     name = "arith"
     MAX_OPERAND, OOD_FROM = 49, 40  # operands >= 40 appear only in the OOD split
-    W = dict(correct=1.0, no_answer=-1.0, verbose=-0.05, repeat=-0.5, no_eos=-2.0)
+    W = dict(correct=1.0, no_answer=-1.0, verbose=-0.02, repeat=-0.5, no_eos=-2.0)
 
     def __init__(self):
         words = [str(i) for i in range(2 * self.MAX_OPERAND + 1)] + \
@@ -213,7 +213,7 @@ class Arith:
 
     def gold_terms(self, prompt, response):
         """correct +1.0 if the last number stated equals a + b; no_answer -1.0 if no number at all;
-        verbose -0.05 per word beyond the bare answer; repeat -0.5 per repeated sentence; no_eos -2.0."""
+        verbose -0.02 per word beyond the bare answer; repeat -0.5 per repeated sentence; no_eos -2.0."""
         a, b = int(prompt.split()[0]), int(prompt.split()[2])
         finished, words = _finished(response)
         numbers = [w for w in words if w.isdigit()]
