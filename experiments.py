@@ -8,7 +8,7 @@
 
 Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with the same PPO
 budget (--iters). Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes.
-Writes out_dir/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
+Writes out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
 """
 import csv
 import json
@@ -51,8 +51,8 @@ def run_cell(cfg, method):
 
 
 def policies(cell, method):
-    """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round."""
-    if method == "bon":
+    """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round (none if not run yet)."""
+    if method == "bon" or not cell:
         return []
     if "rounds" in cell:
         return [(f"{method} r{r['round']}", r) for r in cell["rounds"]]
@@ -60,14 +60,14 @@ def policies(cell, method):
 
 
 def write_report(cfg, results):
-    """report.md and curves.csv (and curves.png) from results.json."""
+    """out_dir/<task>/report.md and curves.csv (and curves.png) from results.json."""
     seeds = sorted({k.split("/")[1] for k in results if k.startswith(cfg.task + "/")})
     cell = {(s, m): results.get(f"{cfg.task}/{s}/{m}") for s in seeds for m in METHODS}
     names = []  # every policy name in report order, and its summaries per seed
     per_seed = {}
     for m in METHODS[1:]:
         for s in seeds:
-            for name, summ in policies(cell[(s, m)] or {}, m):
+            for name, summ in policies(cell[(s, m)], m):
                 if name not in per_seed:
                     names.append(name)
                 per_seed.setdefault(name, {})[s] = summ
@@ -79,9 +79,9 @@ def write_report(cfg, results):
              "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak | KL (final) |",
              "|---|---|---|---|---|---|"]
 
-    def agg(name, get):
+    def agg(name, get, digits=3):
         vals = [v for v in map(get, per_seed[name].values()) if v is not None]
-        return fmt(*mean_ci(vals), len(vals)) if vals else "n/a"
+        return fmt(*mean_ci(vals), len(vals), digits) if vals else "n/a"
 
     sft_row = {s: summ["sft"] for s, summ in per_seed.get("ppo", {}).items()}
     if sft_row:
@@ -90,7 +90,7 @@ def write_report(cfg, results):
         cols = [lambda x: 100 * x["final"]["eval/win_rate"], lambda x: x["final"]["eval/gold"],
                 lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
                 lambda x: x["final"]["eval/kl"]]
-        lines.append(f"| {name} | " + " | ".join(agg(name, c) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(agg(name, c, 1 if i == 0 else 3) for i, c in enumerate(cols)) + " |")
     bon = [cell[(s, "bon")] for s in seeds if cell[(s, "bon")]]
     if bon:
         lines += ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "", "| n | KL | proxy | gold |",
@@ -116,7 +116,10 @@ def write_report(cfg, results):
     for name in names:
         lines.append(f"| {name} | " + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
                                                  for k in MATCHED_KL) + " |")
-    lines += ["", "## Diagnostics (final policy)", "",
+    for s, x in per_seed.get("ppo", {}).items():  # the proxy's accuracy, measured before the control's retrain
+        if cell[(s, "control")]:
+            per_seed["ppo"][s] = {**x, "rm_after": cell[(s, "control")]["rm_before"]}
+    lines += ["", "## Diagnostics (final policy; RM = the one it was trained against, n/a for ensembles)", "",
               "| policy | RM acc held-out SFT pairs | RM acc policy pairs | proxy-gold corr | reward-diff std | "
               "SPG acceptance | SPG gold agreement |", "|---|---|---|---|---|---|---|"]
     for name in names:
@@ -125,7 +128,8 @@ def write_report(cfg, results):
                 lambda x: x["final"]["eval/proxy_diff_std"], lambda x: x.get("spg/acceptance"),
                 lambda x: x.get("spg/gold_agreement")]
         lines.append(f"| {name} | " + " | ".join(agg(name, c) for c in cols) + " |")
-    with open(os.path.join(cfg.out_dir, "report.md"), "w") as f:
+    os.makedirs(os.path.join(cfg.out_dir, cfg.task), exist_ok=True)  # results.json alone regenerates the report
+    with open(os.path.join(cfg.out_dir, cfg.task, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     write_curves(cfg, seeds, per_seed, names, bon)
 
@@ -137,7 +141,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
             for name in names for s, x in per_seed[name].items() for p in x["curve"]]
     rows += [{"method": "best-of-n", "seed": s, "iter": r["n"], "kl": r["kl"], "sqrt_kl": math.sqrt(r["kl"]),
               "proxy": r["proxy"], "gold": r["gold"]} for s, b in zip(seeds, bon) for r in b["curve"]]
-    path = os.path.join(cfg.out_dir, "curves.csv")
+    path = os.path.join(cfg.out_dir, cfg.task, "curves.csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "seed", "iter", "kl", "sqrt_kl", "proxy", "gold"])
         w.writeheader()
@@ -160,7 +164,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
         ax.set_ylabel(key)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(cfg.out_dir, "curves.png"), dpi=120)
+    fig.savefig(os.path.join(cfg.out_dir, cfg.task, "curves.png"), dpi=120)
 
 
 def load_results(out_dir):
@@ -192,7 +196,7 @@ def run(cfg):
             results.update(cell)
     results = load_results(cfg.out_dir)
     write_report(cfg, results)
-    print(f"wrote {cfg.out_dir}/results.json, report.md, curves.csv")
+    print(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/{cfg.task}/report.md, curves.csv")
     return results
 
 

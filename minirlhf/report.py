@@ -33,6 +33,6 @@ def gold_at_kl(history, target_kl, key="eval/gold"):
     return None
 
 
-def fmt(mean, half, n):
+def fmt(mean, half, n, digits=3):
     """'mean ± half-width', or the bare value when there is one seed (no interval to show)."""
-    return f"{mean:.3f} ± {half:.3f}" if n > 1 else f"{mean:.3f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"

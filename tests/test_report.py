@@ -32,12 +32,23 @@ def test_experiments_smoke_writes_every_file(tmp_path):
                       "--rm_pairs=48", "--eval_prompts=8"])
     results = experiments.run(cfg)
     assert set(k.split("/")[-1] for k in results) == set(experiments.METHODS)
-    for name in ("results.json", "report.md", "curves.csv"):
+    for name in ("results.json", "reviews/report.md", "reviews/curves.csv"):
         assert os.path.getsize(out / name) > 0
-    report = (out / "report.md").read_text()
+    report = (out / "reviews" / "report.md").read_text()
     for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "metarm r1"):
         assert section in report
     with open(out / "results.json") as f:
         assert json.load(f) == results
     again = experiments.run(cfg)  # resumes: every cell is already there, nothing reruns
     assert again == results
+
+
+def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
+    import experiments
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "results.json").write_text(json.dumps({"reviews/seed0/ppo": {"x": 1}}))
+    (tmp_path / "cells" / "reviews-seed3-ppo.json").write_text(json.dumps({"reviews/seed3/ppo": {"x": 2}}))
+    (tmp_path / "cells" / "reviews-seed4-ppo.json.abc.tmp").write_text("{trunc")  # another process mid-write
+    merged = experiments.load_results(str(tmp_path))
+    assert merged == {"reviews/seed0/ppo": {"x": 1}, "reviews/seed3/ppo": {"x": 2}}
+    assert json.loads((tmp_path / "results.json").read_text()) == merged
