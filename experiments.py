@@ -54,9 +54,14 @@ def policies(cell, method):
     """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round (none if not run yet)."""
     if method == "bon" or not cell:
         return []
-    if "rounds" in cell:
-        return [(f"{method} r{r['round']}", r) for r in cell["rounds"]]
-    return [(method, cell)]
+    if "rounds" not in cell:
+        return [(method, cell)]
+    out, curve = [], []
+    for r in cell["rounds"]:  # round r continues round r-1's policy, so its curve continues that line
+        start = curve[-1]["iter"] if curve else 0
+        curve = curve + [{**p, "iter": start + p["iter"]} for p in r["curve"]]
+        out.append((f"{method} r{r['round']}", {**r, "curve": curve}))
+    return out
 
 
 def write_report(cfg, results):
@@ -74,7 +79,8 @@ def write_report(cfg, results):
     lines = [f"# minirlhf reproduction report: `{cfg.task}`, {len(seeds)} seed(s)", "",
              f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on {cfg.eval_prompts} held-out "
              "prompts; win-rate vs SFT counts ties as half. 'final' is the last PPO iteration, 'peak' the best-gold "
-             "evaluation.", "",
+             "evaluation. MetaRM round r continues round r-1's policy: its curve and matched-KL gold cover rounds "
+             "1..r, its peak round r alone.", "",
              "## Gold win-rate vs SFT and gold reward", "",
              "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak | KL (final) |",
              "|---|---|---|---|---|---|"]
@@ -91,12 +97,12 @@ def write_report(cfg, results):
                 lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
                 lambda x: x["final"]["eval/kl"]]
         lines.append(f"| {name} | " + " | ".join(agg(name, c, 1 if i == 0 else 3) for i, c in enumerate(cols)) + " |")
-    bon = [cell[(s, "bon")] for s in seeds if cell[(s, "bon")]]
+    bon = {s: cell[(s, "bon")] for s in seeds if cell[(s, "bon")]}
     if bon:
         lines += ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "", "| n | KL | proxy | gold |",
                   "|---|---|---|---|"]
-        for i, row in enumerate(bon[0]["curve"]):
-            proxy, gold = ([b["curve"][i][k] for b in bon] for k in ("proxy", "gold"))
+        for i, row in enumerate(next(iter(bon.values()))["curve"]):
+            proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
             lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
                          f"{fmt(*mean_ci(gold), len(bon))} |")
     lines += ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO (per prompt, mean over "
@@ -140,7 +146,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
              "sqrt_kl": math.sqrt(max(0.0, p["eval/kl"])), "proxy": p["eval/proxy"], "gold": p["eval/gold"]}
             for name in names for s, x in per_seed[name].items() for p in x["curve"]]
     rows += [{"method": "best-of-n", "seed": s, "iter": r["n"], "kl": r["kl"], "sqrt_kl": math.sqrt(r["kl"]),
-              "proxy": r["proxy"], "gold": r["gold"]} for s, b in zip(seeds, bon) for r in b["curve"]]
+              "proxy": r["proxy"], "gold": r["gold"]} for s, b in bon.items() for r in b["curve"]]
     path = os.path.join(cfg.out_dir, cfg.task, "curves.csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["method", "seed", "iter", "kl", "sqrt_kl", "proxy", "gold"])
@@ -152,16 +158,25 @@ def write_curves(cfg, seeds, per_seed, names, bon):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    by_run = {}  # (method, seed) -> its points in evaluation order
+    for r in rows:
+        by_run.setdefault((r["method"], r["seed"]), []).append(r)
+    # One line per method: the pointwise mean over seeds (every seed evaluates at the same iterations). A MetaRM
+    # run is drawn once, as its last round, whose curve holds the earlier rounds.
+    methods = list({name.split(" r")[0]: name for name in names}.values()) + ["best-of-n"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for c, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+    for c, method in enumerate(methods):
+        runs = [pts for (m, _), pts in by_run.items() if m == method]
+        if not runs:
+            continue
+        mean = [{k: sum(run[i][k] for run in runs) / len(runs) for k in ("sqrt_kl", "gold", "proxy")}
+                for i in range(min(map(len, runs)))]
         for ax, key in zip(axes, ("gold", "proxy")):
-            for i, s in enumerate(seeds):  # one thin line per seed, one colour per method
-                pts = [r for r in rows if r["method"] == method and r["seed"] == s]
-                ax.plot([r["sqrt_kl"] for r in pts], [r[key] for r in pts], lw=1, alpha=0.8,
-                        label=method if i == 0 else None, color=f"C{c % 10}")
+            ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".", lw=1.5, label=method,
+                    color=plt.get_cmap("tab20")(c % 20), ls="--" if method == "best-of-n" else "-")
     for ax, key in zip(axes, ("gold reward", "proxy reward")):
         ax.set_xlabel("sqrt(KL to SFT)")
-        ax.set_ylabel(key)
+        ax.set_ylabel(f"{key} (mean over {len(seeds)} seeds)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, cfg.task, "curves.png"), dpi=120)

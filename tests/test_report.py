@@ -52,3 +52,15 @@ def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
     merged = experiments.load_results(str(tmp_path))
     assert merged == {"reviews/seed0/ppo": {"x": 1}, "reviews/seed3/ppo": {"x": 2}}
     assert json.loads((tmp_path / "results.json").read_text()) == merged
+
+
+def test_metarm_round_curves_continue_the_previous_round():
+    import experiments
+    point = lambda it, kl: {"iter": it, "eval/kl": kl}
+    cell = {"rounds": [{"round": 1, "curve": [point(0, 0.0), point(20, 3.0)]},
+                       {"round": 2, "curve": [point(0, 3.1), point(20, 6.0)]}]}
+    (n1, r1), (n2, r2) = experiments.policies(cell, "metarm")
+    assert (n1, n2) == ("metarm r1", "metarm r2")
+    assert [p["iter"] for p in r1["curve"]] == [0, 20]
+    assert [(p["iter"], p["eval/kl"]) for p in r2["curve"]] == [(0, 0.0), (20, 3.0), (20, 3.1), (40, 6.0)]
+    assert cell["rounds"][1]["curve"][0]["iter"] == 0  # results are not modified
