@@ -86,8 +86,11 @@ def write_report(cfg, results):
              "|---|---|---|---|---|---|"]
 
     def agg(name, get, digits=3):
-        vals = [v for v in map(get, per_seed[name].values()) if v is not None]
-        return fmt(*mean_ci(vals), len(vals), digits) if vals else "n/a"
+        # None: not measured; NaN: nothing to measure (e.g. RM accuracy when every pair of samples is a gold tie)
+        vals = [v for v in map(get, per_seed[name].values()) if v is not None and not math.isnan(v)]
+        if not vals:
+            return "n/a"
+        return fmt(*mean_ci(vals), len(vals), digits) + (f" (n={len(vals)})" if len(vals) < len(seeds) else "")
 
     sft_row = {s: summ["sft"] for s, summ in per_seed.get("ppo", {}).items()}
     if sft_row:
