@@ -178,8 +178,8 @@ PRESETS = {
                   sample_every=2, max_new_tokens=24, bon_max=8),
     "default": {},
     # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per iteration), 40
-    # iterations, a smaller human budget D; about 20 min per seed of `reviews` on one core. Vanilla PPO still
-    # over-optimises clearly (gold peaks by iteration 5-20, then falls).
+    # iterations, a smaller human budget D; about 21 min per seed of `reviews` on one core. Vanilla PPO still
+    # over-optimises clearly (gold peaks at KL ~3, then falls; README, Results).
     "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=128, rm_pairs=1000, rounds=2),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4, rm_lr=5e-5,
                 rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256, minibatch=64),
