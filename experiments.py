@@ -203,6 +203,7 @@ def load_results(out_dir):
 
 
 def run(cfg):
+    refine.check_rounds(cfg)
     results = load_results(cfg.out_dir)
     cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in METHODS]
     for k, method in tqdm(cells, desc=f"report {cfg.task}"):

@@ -149,10 +149,14 @@ def rlp(cfg, source, sft, rm, prefs, device):
     return result
 
 
+def check_rounds(cfg):
+    """MetaRM's rounds share cfg.iters; checked before any training, so a bad --rounds fails in seconds."""
+    if cfg.iters < cfg.rounds:
+        raise ValueError(f"--iters={cfg.iters} is shared by the rounds, so it must be >= --rounds={cfg.rounds}")
+
+
 def meta_rounds(cfg, source, sft, prefs, device, eta):
     """MetaRM rounds (eta = 0: the vanilla-rounds control, the same loop without the meta ascent)."""
-    if cfg.iters < cfg.rounds:
-        raise SystemExit(f"error: --iters={cfg.iters} is shared by the rounds, so it must be >= --rounds={cfg.rounds}")
     task, tok = source.task, source.tokenizer
     split = "ood" if cfg.ood else "unlabelled"
     policy, rows = sft, []
@@ -209,6 +213,8 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
 
 
 def run(cfg):
+    if cfg.method in ("metarm", "vanilla-rounds"):
+        check_rounds(cfg)
     device, source, sft, rm = rl_setup(cfg)
     if dist.world() > 1:
         raise SystemExit("error: refine.py runs on one process (torchrun: train_sft.py, train_rm.py, train_ppo.py)")

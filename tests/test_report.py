@@ -64,3 +64,12 @@ def test_metarm_round_curves_continue_the_previous_round():
     assert [p["iter"] for p in r1["curve"]] == [0, 20]
     assert [(p["iter"], p["eval/kl"]) for p in r2["curve"]] == [(0, 0.0), (20, 3.0), (20, 3.1), (40, 6.0)]
     assert cell["rounds"][1]["curve"][0]["iter"] == 0  # results are not modified
+
+
+def test_bad_rounds_fail_before_any_training(tmp_path):
+    import experiments
+    from minirlhf.config import parse_args
+    cfg = parse_args(["--preset=smoke", "--seeds=1", f"--out_dir={tmp_path / 'rep'}", "--rounds=3", "--iters=2"])
+    with pytest.raises(ValueError, match="must be >= --rounds=3"):
+        experiments.run(cfg)
+    assert not (tmp_path / "rep").exists()
