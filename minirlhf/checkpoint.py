@@ -5,11 +5,11 @@ import json
 import os
 import pickle
 import tempfile
-from dataclasses import asdict
 
 import torch
 
 from . import dist
+from .config import UsageError
 
 
 def _atomic_write(path, write):
@@ -43,34 +43,34 @@ def atomic_write_json(obj, path):
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def load(path):
-    """torch.load with weights_only=True: a checkpoint that would run code is refused, never executed."""
+def load(path, expect=None):
+    """torch.load with weights_only=True: a checkpoint that would run code is refused, never executed. Any file
+    that is not a readable checkpoint is one error naming it. With `expect` ({field: value}), a checkpoint that
+    records other values for those fields is refused (see `check_made_with`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused to load (not a plain-tensor checkpoint): {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path}: corrupt or truncated checkpoint: {e}") from e
+    except Exception as e:  # a torn zip, a text file, a directory: torch raises many kinds
+        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    if not isinstance(ck, dict):
+        raise ValueError(f"{path}: not a minirlhf checkpoint (expected a dict, got {type(ck).__name__})")
+    if expect is not None:
+        check_made_with(path, ck.get("config"), expect)
+    return ck
 
 
-def save_model(path, model, **meta):
-    """A GPT or ScalarModel with the GPTConfig needed to rebuild it (plain dicts: weights_only-loadable)."""
-    gpt = getattr(model, "gpt", model)
-    atomic_save({"model": model.state_dict(), "gpt_config": asdict(gpt.cfg), **meta}, path)
-
-
-def load_model(path, scalar=False):
-    """Rebuild the GPT (or ScalarModel with scalar=True) saved by save_model; a mismatch names the file."""
-    from .model import GPT, GPTConfig, ScalarModel
-    ck = load(path)
-    if "model" not in ck or "gpt_config" not in ck:
-        raise ValueError(f"{path}: not a minirlhf model checkpoint (fields 'model' and 'gpt_config' needed)")
-    gpt = GPT(GPTConfig(**ck["gpt_config"]))
-    model = ScalarModel(gpt) if scalar else gpt
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: checkpoint does not match its model config: {str(e).splitlines()[0]}") from None
-    return model, ck
+def check_made_with(path, made, expect):
+    """Refuse to reuse a checkpoint made under other settings: the error names each differing field. A
+    checkpoint from before checkpoints recorded their settings (made is None) is taken as it is."""
+    if made is None:
+        return
+    differ = [k for k in expect if k in made and made[k] != expect[k]]
+    if differ:
+        was = ", ".join(f"--{k}={made[k]!r}" for k in differ)
+        now = ", ".join(f"--{k}={expect[k]!r}" for k in differ)
+        raise UsageError(f"{path} was made with {was}, this run asks for {now}: use another --out_dir, or "
+                         "--reuse=True to use it anyway")

@@ -1,7 +1,9 @@
-"""One config for every script: a dataclass with a docstring per field, presets, and `--key=value` overrides.
+"""Configs per stage: dataclasses with a docstring per field, presets, and `--key=value` overrides.
 
-Values are parsed with `ast.literal_eval` (never exec/eval) and type-checked against the field. `--help` prints
-every field with its docstring, read from this file's source.
+Each group below holds one stage's fields. A script's config is the union of the groups it uses (train_ppo.py
+trains SFT and the RM first when they are missing, so it takes their groups too); `--help` lists the script's own
+group first. Values are parsed with `ast.literal_eval` (never exec/eval), type-checked against the field, and the
+whole config is validated (`validate`) before any work starts.
 """
 import ast
 import inspect
@@ -9,13 +11,16 @@ import sys
 from dataclasses import dataclass, fields, replace
 
 
+class UsageError(ValueError):
+    """A bad option: the message names it; the script exits with code 2 before doing any work."""
+
+
 @dataclass
-class Config:
-    # ---- run ----
+class Run:
     out_dir: str = "out"
     """Folder for checkpoints, metrics.jsonl and summary.json (shared by all stages of one run)."""
     task: str = "reviews"
-    """Embedded task from the registry: 'reviews' or 'arith'."""
+    """Embedded task: 'reviews' or 'arith'."""
     seed: int = 0
     """Seed for data, initialisation and sampling."""
     device: str = "auto"
@@ -26,23 +31,49 @@ class Config:
     """torch CPU threads; 0 keeps torch's default."""
     resume: bool = False
     """Continue from the last checkpoint in out_dir instead of starting fresh."""
+    reuse: bool = False
+    """Reuse checkpoints in out_dir even when they were made with different settings (normally an error)."""
     ckpt_every: int = 100
     """SFT steps between resumable checkpoints (PPO checkpoints at every evaluation)."""
     preset: str = "default"
     """'smoke' (seconds, for tests), 'default' (the CPU run), 'report' (experiments.py's multi-seed run on a CPU) or
     'gpu' (a bigger model for one GPU)."""
-    # ---- model ----
+    data: str = ""
+    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues (train_sft.py, train_rm.py); empty = the
+    embedded task."""
+    tokenizer: str = ""
+    """With --data: a folder holding GPT-2's vocab.json + merges.txt; empty = train a byte-level BPE on the file."""
+    bpe_vocab: int = 4096
+    """With --data and no --tokenizer: vocabulary size of the BPE trained on the file."""
+
+
+@dataclass
+class Model:
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
-    """Attention heads."""
+    """Attention heads (must divide --n_embd)."""
     n_embd: int = 128
     """Model width."""
     block_size: int = 64
     """Context length (prompt + response) of every model."""
     dropout: float = 0.0
     """Dropout during SFT/RM training (always off at RL time)."""
-    # ---- SFT ----
+    max_new_tokens: int = 40
+    """Response length limit; prompts keep their last block_size - max_new_tokens tokens."""
+    temperature: float = 1.0
+    """Sampling temperature, used in every log-prob computation too."""
+    eval_prompts: int = 256
+    """Held-out prompts in each gold evaluation."""
+
+    @property
+    def prompt_len(self):
+        """The room a prompt (BOS included) has in the context."""
+        return self.block_size - self.max_new_tokens
+
+
+@dataclass
+class SFT:
     sft_steps: int = 400
     """SFT optimizer steps."""
     sft_batch: int = 64
@@ -55,7 +86,10 @@ class Config:
     """AdamW weight decay for SFT and RM training."""
     grad_clip: float = 1.0
     """Gradient-norm clip for every optimizer."""
-    # ---- reward model ----
+
+
+@dataclass
+class RM:
     rm_pairs: int = 2000
     """Gold-labelled preference pairs of SFT samples for the proxy RM (the limited human budget)."""
     rm_epochs: int = 2
@@ -72,22 +106,16 @@ class Config:
     """Train this many RMs from different seeds (Coste et al.); PPO then uses their aggregate."""
     ensemble_agg: str = "mean"
     """How an ensemble's rewards combine: 'mean' or 'min' (worst case)."""
-    data: str = ""
-    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues; empty = the embedded task's labeller."""
-    tokenizer: str = ""
-    """With --data: a folder holding GPT-2's vocab.json + merges.txt; empty = train a byte-level BPE on the file."""
-    bpe_vocab: int = 4096
-    """With --data and no --tokenizer: vocabulary size of the BPE trained on the file."""
-    # ---- PPO ----
-    method: str = "ppo"
-    """train_ppo.py: 'ppo' or 'bon' (best-of-n curve). refine.py: 'uml', 'spg', 'uml+spg', 'oracle', 'control',
-    'metarm', 'vanilla-rounds' (MetaRM with eta = 0) or 'eta-sweep'."""
+
+
+@dataclass
+class PPO:
     iters: int = 60
     """PPO iterations (one rollout batch each)."""
     rollout_batch: int = 64
     """Prompts per PPO iteration."""
     minibatch: int = 32
-    """PPO minibatch size."""
+    """PPO minibatch size (at most --rollout_batch)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     ppo_lr: float = 1e-4
@@ -110,21 +138,18 @@ class Config:
     """GAE discount."""
     lam: float = 0.95
     """GAE lambda."""
-    temperature: float = 1.0
-    """Sampling temperature, used in every log-prob computation too."""
-    max_new_tokens: int = 40
-    """Response length limit."""
     no_eos_penalty: float = -1.0
     """Reward given instead of the RM score to a response that never emitted EOS."""
     eval_every: int = 5
     """Evaluate with the gold judge every this many PPO iterations."""
-    eval_prompts: int = 256
-    """Held-out prompts in each evaluation."""
     sample_every: int = 20
     """Print a table of samples every this many iterations."""
     bon_max: int = 256
-    """Largest n in the best-of-n curve."""
-    # ---- RM refinement on policy samples (refine.py) ----
+    """Largest n in the best-of-n curve (a power of 2)."""
+
+
+@dataclass
+class Refine:
     refine_prompts: int = 256
     """Unlabelled prompts whose policy samples refine the RM (RLP's P, MetaRM's S_r)."""
     n_samples: int = 10
@@ -154,22 +179,79 @@ class Config:
     """MetaRM: S_r is sampled at the PPO temperature plus this ('a little above')."""
     meta_second_order: bool = False
     """MetaRM: differentiate through the inner step (not what the paper ran; slower)."""
-    seeds: int = 5
-    """experiments.py: seeds per task (each: its own SFT, proxy RM and every method)."""
-    first_seed: int = 0
-    """experiments.py: the seeds run are first_seed .. first_seed + seeds - 1."""
     ood: bool = False
     """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays in-distribution)."""
 
-    @classmethod
-    def field_docs(cls):
-        """{field: docstring}, read from the string literal that follows each field in the source."""
-        tree = ast.parse(inspect.getsource(cls))
-        body, docs = tree.body[0].body, {}
-        for stmt, nxt in zip(body, body[1:]):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[stmt.target.id] = nxt.value.value
-        return docs
+
+@dataclass
+class Report:
+    seeds: int = 5
+    """Seeds per task (each: its own SFT, proxy RM and every method)."""
+    first_seed: int = 0
+    """The seeds run are first_seed .. first_seed + seeds - 1."""
+
+
+@dataclass
+class Bench:
+    sizes: str = "default,gpt2-small"
+    """bench.py: comma-separated model sizes to time: 'default' (the default preset's model), 'gpt2-small'."""
+
+
+# ---- one config per script: its own group first, then the stages it runs first when their outputs are missing
+@dataclass
+class SFTConfig(SFT, Model, Run):
+    pass
+
+
+@dataclass
+class RMConfig(RM, SFT, Model, Run):
+    pass
+
+
+@dataclass
+class PPOConfig(PPO, RM, SFT, Model, Run):
+    method: str = "ppo"
+    """'ppo' (PPO against the proxy RM) or 'bon' (the best-of-n curve against it)."""
+
+
+@dataclass
+class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
+    method: str = "uml"
+    """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each), 'metarm', 'vanilla-rounds' (MetaRM's
+    rounds with eta = 0) or 'eta-sweep'."""
+
+
+@dataclass
+class ReportConfig(Report, Refine, PPO, RM, SFT, Model, Run):
+    out_dir: str = "out_report"
+    """Folder of results.json, cells/ and one subfolder per task (report.md, curves, one folder per seed)."""
+    preset: str = "report"
+    """'report' (the multi-seed run on a CPU), 'smoke' (seconds), 'default' or 'gpu'."""
+
+
+@dataclass
+class BenchConfig(Bench, PPO, SFT, Model, Run):
+    pass
+
+
+GROUPS = (("run", Run), ("model and sampling", Model), ("SFT", SFT), ("reward model", RM), ("PPO", PPO),
+          ("refinement (RLP, MetaRM)", Refine), ("report", Report), ("benchmark", Bench))
+
+# Fields that shape a stage's checkpoint (a checkpoint records them; reusing it under other values is an error).
+# The rest only say how a run is carried out or judged (device, threads, evaluation sizes, PPO's length), or, for
+# an ensemble, how many members there are (member k is the same RM whatever their number).
+NOT_SHAPING = {"out_dir", "device", "bf16", "threads", "resume", "reuse", "ckpt_every", "preset", "eval_prompts",
+               "iters", "eval_every", "sample_every", "bon_max", "method", "ensemble", "ensemble_agg"}
+STAGE_GROUPS = {"sft": (Run, Model, SFT), "rm": (Run, Model, SFT, RM), "ppo": (Run, Model, SFT, RM, PPO)}
+
+
+def made_with(cfg, stage):
+    """{field: value} of the settings that shape `stage`'s checkpoint ('sft', 'rm' or 'ppo'); SFT's does not
+    depend on the sampling temperature."""
+    names = {f.name for g in STAGE_GROUPS[stage] for f in fields(g)} - NOT_SHAPING
+    if stage == "sft":
+        names.discard("temperature")
+    return {name: getattr(cfg, name) for name in sorted(names)}
 
 
 PRESETS = {
@@ -179,48 +261,66 @@ PRESETS = {
     "default": {},
     # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per iteration), 40
     # iterations, a smaller human budget D; about 21 min per seed of `reviews` on one core. Vanilla PPO still
-    # over-optimises clearly (gold peaks at KL ~3, then falls; README, Results).
+    # over-optimises clearly (gold peaks, then falls; README, Results).
     "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=128, rm_pairs=1000, rounds=2),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4, rm_lr=5e-5,
                 rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256, minibatch=64),
 }
 
 
+def field_docs(cls):
+    """{field: docstring} of a dataclass and its bases, read from the string literal after each field."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = nxt.value.value
+    return docs
+
+
+def print_help(cls, script):
+    """The script's options, grouped by stage, its own stage first, with the defaults it really uses."""
+    docs, defaults, titles = field_docs(cls), parse_args([], cls), {g: t for t, g in GROUPS}
+    grouped = {f.name for g in titles for f in fields(g)}
+    print(f"usage: python {script} [--key=value ...]   (values are Python literals; a bare word is a string)")
+    sections = [("options of this script", [f.name for f in fields(cls) if f.name not in grouped])]
+    sections += [(titles[g], [f.name for f in fields(g)]) for g in cls.__mro__ if g in titles]  # own stage first
+    for title, names in sections:
+        if names:
+            print(f"\n{title}:")
+        for name in names:
+            print(f"  --{name}={getattr(defaults, name)!r}\n      {' '.join(docs[name].split())}")
+
+
 def _check_type(name, value, annotation):
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
-        raise ValueError(f"--{name}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
+        raise UsageError(f"--{name}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
     return value
 
 
-def parse_args(argv=None, **script_defaults):
-    """Config from `--preset=NAME` then `--key=value` overrides (later wins). `script_defaults` are a script's own
-    defaults, applied before the preset."""
+def parse_args(argv=None, cls=PPOConfig):
+    """A `cls` from its defaults, then `--preset=NAME`, then `--key=value` overrides (later wins). Raises
+    UsageError naming the option."""
     argv = sys.argv[1:] if argv is None else argv
-    types = {f.name: f.type for f in fields(Config)}
-    if "--help" in argv or "-h" in argv:
-        docs = Config.field_docs()
-        print("options (--key=value):")
-        for f in fields(Config):
-            print(f"  --{f.name}={f.default!r}\n      {docs.get(f.name, '')}")
-        sys.exit(0)
+    types = {f.name: f.type for f in fields(cls)}
     overrides = {}
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: argument {arg!r} is not of the form --key=value (see --help)")
+            raise UsageError(f"argument {arg!r} is not of the form --key=value (see --help)")
         key, raw = arg[2:].split("=", 1)
         if key not in types:
-            raise SystemExit(f"error: unknown option --{key} (see --help)")
+            raise UsageError(f"unknown option --{key} for this script (see --help)")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a bare word is a string: --task=arith
-        try:
-            overrides[key] = _check_type(key, value, types[key])
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-    preset = overrides.get("preset", script_defaults.get("preset", "default"))
+        overrides[key] = _check_type(key, value, types[key])
+    preset = overrides.get("preset", cls.preset)
     if preset not in PRESETS:
-        raise SystemExit(f"error: --preset={preset!r}: expected one of {sorted(PRESETS)}")
-    return replace(Config(), **{**script_defaults, **PRESETS[preset], **overrides})
+        raise UsageError(f"--preset={preset!r}: expected one of {sorted(PRESETS)}")
+    return replace(cls(), **{**{k: v for k, v in PRESETS[preset].items() if k in types}, **overrides})

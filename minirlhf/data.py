@@ -6,6 +6,10 @@ import gzip
 import json
 import math
 import os
+import sys
+import zlib
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +45,25 @@ def decode_responses(tok, response, mask):
             for r, m in zip(response.cpu(), mask.cpu())]
 
 
+@dataclass
+class Codec:
+    """How one run turns texts into batches: its tokenizer, the room for prompt and response, its device."""
+    tok: object
+    prompt_len: int
+    max_new_tokens: int
+    device: object = "cpu"
+
+    def prompts(self, prompts):
+        return encode_prompts(self.tok, prompts, self.device, max_len=self.prompt_len)
+
+    def responses(self, responses):
+        return encode_responses(self.tok, responses, self.max_new_tokens, self.device)
+
+    def batch(self, prompts, responses):
+        """(prompt, prompt_mask, response, response_mask) of (prompt, response) texts."""
+        return (*self.prompts(prompts), *self.responses(responses))
+
+
 def gold_label(task, prompt, a, b, tau, flip, rng):
     """The simulated annotator: returns True if a is preferred. P(a > b) = sigmoid((g(a) - g(b)) / tau), then
     each label flips with probability `flip` (AlpacaFarm-style extra noise)."""
@@ -65,36 +88,61 @@ def _split_dialogue(chosen, rejected):
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
+def read_bytes(path):
+    """The file's bytes, gunzipped if it is named .gz; a bad file is one DataError naming it. A .gz is read
+    whole first, so that its checksum is verified before any line is blamed for bad UTF-8 or JSON."""
+    try:
+        if not str(path).endswith(".gz"):
+            with open(path, "rb") as f:
+                return f.read()
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except EOFError:
+        raise DataError(f"{path}: truncated gzip file (it ends mid-stream)") from None
+    except gzip.BadGzipFile as e:
+        raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    except zlib.error as e:
+        raise DataError(f"{path}: corrupt gzip data ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def load_hh_pairs(path):
     """[(prompt, chosen, rejected)] from an HH-RLHF-style JSONL file (optionally .gz) of {"chosen", "rejected"}.
-    Any bad line raises DataError naming the file, line number and field."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    pairs = []
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
-            for field in ("chosen", "rejected"):
-                if field not in row:
-                    raise DataError(f"{path}:{lineno}: missing field '{field}'")
-                if not isinstance(row[field], str):
-                    raise DataError(f"{path}:{lineno}: field '{field}' must be a string, "
-                                    f"got {type(row[field]).__name__}")
-            split = _split_dialogue(row["chosen"], row["rejected"])
-            if split is None:
-                raise DataError(f"{path}:{lineno}: field 'chosen': no '\\n\\nAssistant:' turn shared with "
-                                "'rejected'")
-            pairs.append(split)
+    Any bad line raises DataError naming the file, line number and field. Pairs whose two responses are the same
+    text teach nothing: they are dropped with a warning, and a file of nothing else is an error."""
+    pairs, same = [], 0
+    for lineno, raw in enumerate(read_bytes(path).splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object")
+        for field in ("chosen", "rejected"):
+            if field not in row:
+                raise DataError(f"{path}:{lineno}: missing field '{field}'")
+            if not isinstance(row[field], str):
+                raise DataError(f"{path}:{lineno}: field '{field}' must be a string, "
+                                f"got {type(row[field]).__name__}")
+        split = _split_dialogue(row["chosen"], row["rejected"])
+        if split is None:
+            raise DataError(f"{path}:{lineno}: field 'chosen': no '\\n\\nAssistant:' turn shared with "
+                            "'rejected'")
+        if split[1] == split[2]:
+            same += 1
+            continue
+        pairs.append(split)
     if not pairs:
-        raise DataError(f"{path}: empty file (no preference pairs)")
+        raise DataError(f"{path}: no usable preference pairs" + (f" (all {same} have chosen == rejected)" if same
+                                                                  else " (empty file)"))
+    if same:
+        print(f"warning: {path}: dropped {same} pairs whose chosen and rejected responses are identical",
+              file=sys.stderr)
     return pairs

@@ -3,24 +3,25 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .data import decode_responses, encode_prompts
+from .data import decode_responses
 from .generate import generate, sequence_logprobs
-from .reward import score_any
 
 
 @torch.no_grad()
-def rollout_texts(policy, ref, rm, tok, prompts, cfg, device, generator, batch=256):
+def rollout_texts(policy, ref, rm, codec, prompts, temperature, generator, batch=256):
     """Sample one response per prompt; returns texts, proxy scores, KL to ref (sum of k1 over tokens) and
     lengths, as numpy arrays (texts a list)."""
+    tok = codec.tok
     texts, proxy, kl, length = [], [], [], []
     for i in range(0, len(prompts), batch):
-        p, pm = encode_prompts(tok, prompts[i:i + batch], device, max_len=cfg.block_size - cfg.max_new_tokens)
-        r, logp, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                                  temperature=cfg.temperature, generator=generator)
-        ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)
+        p, pm = codec.prompts(prompts[i:i + batch])
+        r, logp, rmask = generate(policy, p, pm, codec.max_new_tokens, tok.eos_id, tok.pad_id,
+                                  temperature=temperature, generator=generator)
+        ref_logp = sequence_logprobs(ref, p, pm, r, rmask, temperature)
         texts += decode_responses(tok, r, rmask)
-        proxy.append(score_any(rm, p, pm, r, rmask).float().cpu())
+        proxy.append(rm.score(p, pm, r, rmask).float().cpu())
         kl.append(((logp - ref_logp) * rmask).sum(-1).cpu())
         length.append(rmask.sum(-1).cpu())
     return texts, torch.cat(proxy).numpy(), torch.cat(kl).numpy(), torch.cat(length).numpy()
@@ -33,13 +34,13 @@ def win_tie_lose(gold, baseline_gold):
     return {"win": win, "tie": tie, "lose": 1 - win - tie, "win_rate": win + tie / 2}
 
 
-def evaluate(policy, ref, rm, task, tok, prompts, sft_gold, cfg, device, generator):
+def evaluate(policy, ref, rm, task, codec, prompts, sft_gold, temperature, generator):
     """Two samples per held-out prompt, judged by the gold reward and by the proxy RM.
 
     sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Returns a flat dict of metrics; the RM is
     normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
-    a, proxy_a, kl, length = rollout_texts(policy, ref, rm, tok, prompts, cfg, device, generator)
-    b, proxy_b, _, _ = rollout_texts(policy, ref, rm, tok, prompts, cfg, device, generator)
+    a, proxy_a, kl, length = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
+    b, proxy_b, _, _ = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
     gold_a = np.array([task.gold(p, y) for p, y in zip(prompts, a)])
     gold_b = np.array([task.gold(p, y) for p, y in zip(prompts, b)])
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
@@ -82,3 +83,24 @@ def best_of_n_curve(proxy, gold, ns):
 def _log_comb(n, k):
     lg = np.vectorize(math.lgamma)
     return lg(np.asarray(n) + 1) - lg(np.asarray(k) + 1) - lg(np.asarray(n) - np.asarray(k) + 1)
+
+
+def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
+    """Gao et al.'s best-of-n curve against the proxy: gold of the highest-proxy of n SFT samples, for n = 1, 2,
+    4, ..., n_max, from n_max samples per prompt. Returns rows {n, kl, gold, proxy}."""
+    proxy, gold = [], []
+    for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
+        texts, s, _, _ = rollout_texts(sft, sft, rm, codec, prompts, temperature, generator)
+        proxy.append(s)
+        gold.append([task.gold(p, t) for p, t in zip(prompts, texts)])
+    proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)
+    ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
+    return [{"n": n, "kl": kl, "gold": g, "proxy": pc[2]}
+            for (n, kl, g), pc in zip(best_of_n_curve(proxy, gold, ns), best_of_n_curve(proxy, proxy, ns))]
+
+
+def summarize(history):
+    """The iteration-0 (SFT), final and peak-gold evaluations, and the whole curve (iter, KL, proxy, gold)."""
+    peak = max(history, key=lambda h: h["eval/gold"])
+    curve = [{k: h[k] for k in ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate")} for h in history]
+    return {"sft": history[0], "final": history[-1], "peak_gold": peak, "curve": curve}

@@ -104,3 +104,14 @@ def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperatu
         return logp
     entropy = -(logp_all.exp() * logp_all).sum(-1) * resp_mask
     return logp, entropy
+
+
+@torch.no_grad()
+def generate_no_cache(model, prompt, prompt_mask, n):
+    """The reference for the KV cache: greedy decoding that reruns the whole sequence every step (tests and
+    bench.py check the cached path against it)."""
+    ids, mask = prompt, prompt_mask
+    for _ in range(n):
+        nxt = model(ids, mask)[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids[:, prompt.shape[1]:]

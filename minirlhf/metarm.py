@@ -9,8 +9,10 @@ import math
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .reward import bt_loss, score
+from .model import score_with
+from .reward import bt_loss
 
 
 def difference_objective(rewards):
@@ -21,9 +23,9 @@ def difference_objective(rewards):
     return (2 / k ** 2 * torch.sigmoid((rewards[:, i] - rewards[:, j]).abs()).sum(-1)).mean()
 
 
-def _pref_loss(rm, pref_batch):
+def _pref_loss(forward, pref_batch):
     """BT loss of an encoded pair batch (prompt, prompt_mask, resp, resp_mask): chosen rows first, then rejected."""
-    rc, rr = score(rm, *pref_batch).chunk(2)
+    rc, rr = score_with(forward, *pref_batch).chunk(2)
     return bt_loss(rc, rr)
 
 
@@ -32,14 +34,14 @@ def meta_step(rm, optimizer, pref_batch, meta_batch, eta, k, grad_clip=None):
     Returns J at theta and at theta', the BT loss at theta', and ||theta' - theta||."""
     params = [p for p in rm.parameters() if p.requires_grad]
     backup = [p.detach().clone() for p in params]
-    J = difference_objective(score(rm, *meta_batch).view(-1, k))
+    J = difference_objective(rm.score(*meta_batch).view(-1, k))
     grads = torch.autograd.grad(J, params, allow_unused=True)
     with torch.no_grad():  # theta' = theta + eta * grad J: a plain step, the optimizer state is not involved
         for p, g in zip(params, grads):
             if g is not None:
                 p.add_(g, alpha=eta)
         shift = math.sqrt(sum(float((eta * g).pow(2).sum()) for g in grads if g is not None))
-        J_shifted = difference_objective(score(rm, *meta_batch).view(-1, k)).item() if eta else J.item()
+        J_shifted = difference_objective(rm.score(*meta_batch).view(-1, k)).item() if eta else J.item()
     loss = _pref_loss(rm, pref_batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # p.grad = grad of L_R at theta'
@@ -58,7 +60,7 @@ def meta_step_second_order(rm, optimizer, pref_batch, meta_batch, eta, k, grad_c
     `torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`."""
     names = [n for n, p in rm.named_parameters() if p.requires_grad]
     params = [p for p in rm.parameters() if p.requires_grad]
-    J = difference_objective(score(rm, *meta_batch).view(-1, k))
+    J = difference_objective(rm.score(*meta_batch).view(-1, k))
     grads = torch.autograd.grad(J, params, create_graph=True, allow_unused=True)
     shifted = {n: p + eta * g if g is not None else p for n, p, g in zip(names, params, grads)}
     loss = _pref_loss(lambda *a, **kw: functional_call(rm, shifted, a, kw), pref_batch)
@@ -69,3 +71,20 @@ def meta_step_second_order(rm, optimizer, pref_batch, meta_batch, eta, k, grad_c
     optimizer.step()
     shift = math.sqrt(sum(float((eta * g.detach()).pow(2).sum()) for g in grads if g is not None))
     return {"J": J.item(), "loss": loss.item(), "shift_norm": shift}
+
+
+def metarm_step(codec, prompts, samples, eta, k, meta_prompts, second_order, grad_clip, rng, log):
+    """MetaRM's RM step: a meta step with X_t = the batch of D and X_s = meta_prompts prompts x their k policy
+    samples; each step's statistics are appended to `log`."""
+    def step(rm, opt, batch):
+        pref = codec.batch([p for p, _, _ in batch] * 2, [c for _, c, _ in batch] + [r for _, _, r in batch])
+        chosen = rng.sample(range(len(prompts)), min(meta_prompts, len(prompts)))
+        meta = codec.batch([prompts[i] for i in chosen for _ in range(k)], [y for i in chosen for y in samples[i]])
+        if second_order:
+            with sdpa_kernel([SDPBackend.MATH]):  # double backward needs the math attention path
+                stats = meta_step_second_order(rm, opt, pref, meta, eta, k, grad_clip)
+        else:
+            stats = meta_step(rm, opt, pref, meta, eta, k, grad_clip)
+        log.append(stats)
+        return stats
+    return step

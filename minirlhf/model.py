@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import atomic_save, load
+
 
 @dataclass
 class GPTConfig:
@@ -172,7 +174,6 @@ class GPT(nn.Module):
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         sd = {k: (v.t() if k.endswith(self._CONV1D) else v).contiguous() for k, v in self.state_dict().items()}
-        from .checkpoint import atomic_save
         atomic_save(sd, os.path.join(folder, "pytorch_model.bin"))
 
     @classmethod
@@ -226,3 +227,50 @@ class ScalarModel(nn.Module):
         h = self.gpt(idx, attention_mask, position_ids, return_hidden=True)  # (B, T, C)
         values = self.head(h).squeeze(-1)  # (B, T)
         return (values, h) if return_hidden else values
+
+    def score(self, prompt, prompt_mask, response, resp_mask, return_hidden=False):
+        """r(x, y) (B,) read at the last real token of prompt + response: see `score_with`."""
+        return score_with(self, prompt, prompt_mask, response, resp_mask, return_hidden)
+
+    @property
+    def members(self):
+        """The RMs behind this score (an Ensemble has several): the critic starts from the first."""
+        return [self]
+
+
+def score_with(forward, prompt, prompt_mask, response, resp_mask, return_hidden=False):
+    """r(x, y) (B,) of a ScalarModel's `forward` read at the last real token of prompt + response (the EOS of a
+    finished response). With return_hidden, also that token's final hidden state (B, C), the feature the head
+    reads. (MetaRM's second-order step passes a functional forward at shifted weights.)"""
+    ids = torch.cat([prompt, response], 1)
+    mask = torch.cat([prompt_mask, resp_mask], 1)
+    values, hidden = forward(ids, mask, return_hidden=True)  # (B, T), (B, T, C)
+    idx = last_token_index(mask)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    return (values[rows, idx], hidden[rows, idx]) if return_hidden else values[rows, idx]
+
+
+def last_token_index(mask):
+    """Index of the last 1 in each row of mask (B, T): works for left, right and both-sided padding."""
+    T = mask.shape[1]
+    return T - 1 - mask.long().flip(-1).argmax(-1)
+
+
+def save_model(path, model, **meta):
+    """A GPT or ScalarModel with the GPTConfig needed to rebuild it (plain dicts: weights_only-loadable)."""
+    gpt = getattr(model, "gpt", model)
+    atomic_save({"model": model.state_dict(), "gpt_config": asdict(gpt.cfg), **meta}, path)
+
+
+def load_model(path, scalar=False, expect=None):
+    """Rebuild the GPT (or ScalarModel with scalar=True) saved by save_model; a mismatch names the file."""
+    ck = load(path, expect)
+    if "model" not in ck or "gpt_config" not in ck:
+        raise ValueError(f"{path}: not a minirlhf model checkpoint (fields 'model' and 'gpt_config' needed)")
+    try:
+        gpt = GPT(GPTConfig(**ck["gpt_config"]))
+        model = ScalarModel(gpt) if scalar else gpt
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: checkpoint does not match its model config: {str(e).splitlines()[0]}") from None
+    return model, ck

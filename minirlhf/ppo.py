@@ -4,7 +4,7 @@ Every tensor is (B, N) over response tokens with `mask` 1 on real tokens (a pref
 """
 import torch
 
-from .reward import last_token_index
+from .model import last_token_index
 
 
 def masked_mean(x, mask, dim=None):

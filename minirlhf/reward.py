@@ -22,27 +22,11 @@ def reward_model_from(sft):
     return ScalarModel(copy.deepcopy(sft))
 
 
-def last_token_index(mask):
-    """Index of the last 1 in each row of mask (B, T): works for left, right and both-sided padding."""
-    T = mask.shape[1]
-    return T - 1 - mask.long().flip(-1).argmax(-1)
-
-
-def score(rm, prompt, prompt_mask, response, resp_mask, return_hidden=False):
-    """r(x, y) (B,) read at the last real token of prompt + response (the EOS of a finished response).
-    With return_hidden, also that token's final hidden state (B, C), the feature the head reads."""
-    ids = torch.cat([prompt, response], 1)
-    mask = torch.cat([prompt_mask, resp_mask], 1)
-    values, hidden = rm(ids, mask, return_hidden=True)  # (B, T), (B, T, C)
-    idx = last_token_index(mask)
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    return (values[rows, idx], hidden[rows, idx]) if return_hidden else values[rows, idx]
-
-
 @torch.no_grad()
 def normalize(rm, rewards, scale=True):
     """Shift (and scale) the head so that `rewards` — the RM's scores of SFT samples — get mean 0 and std 1.
-    Keeps the KL coefficient meaningful across RMs (TASK.md: a method must not win by inflating its scale)."""
+    Keeps the KL coefficient meaningful across RMs (a method must not win by inflating
+    its scale: ALGORITHMS.md §1.2)."""
     mean, std = rewards.mean(), (rewards.std() if scale else torch.tensor(1.0))
     rm.head.weight.div_(std)
     rm.head.bias.sub_(mean).div_(std)
@@ -50,19 +34,15 @@ def normalize(rm, rewards, scale=True):
 
 
 class Ensemble(torch.nn.Module):
-    """Several RMs scored together (Coste et al.): 'mean' or 'min' (worst case) of their rewards."""
+    """Several RMs scored together (Coste et al.): 'mean' or 'min' (worst case) of their rewards. Scores like a
+    single RM (`score`), so every caller treats the two alike."""
 
     def __init__(self, rms, agg="mean"):
         super().__init__()
         if agg not in ("mean", "min"):
             raise ValueError(f"--ensemble_agg={agg!r}: expected 'mean' or 'min'")
-        self.rms, self.agg = torch.nn.ModuleList(rms), agg
+        self.members, self.agg = torch.nn.ModuleList(rms), agg
 
     def score(self, *batch):
-        r = torch.stack([score(rm, *batch) for rm in self.rms])  # (K, B)
+        r = torch.stack([rm.score(*batch) for rm in self.members])  # (K, B)
         return r.mean(0) if self.agg == "mean" else r.min(0).values
-
-
-def score_any(rm, *batch):
-    """Score with a single RM or an Ensemble."""
-    return rm.score(*batch) if isinstance(rm, Ensemble) else score(rm, *batch)

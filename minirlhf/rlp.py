@@ -7,6 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .reward import bt_loss, pairwise_accuracy
+from .rm import pair_rewards
+from .runtime import clip_and_check
+
 
 def symmetric_kl(mu1, sigma1, mu2, sigma2):
     """SKL = 1/2 [KL(p1 || p2) + KL(p2 || p1)] for diagonal Gaussians, closed form, per row. Inputs (B, Z) -> (B,)
@@ -102,3 +106,24 @@ def cluster_by_similarity(hidden, threshold=0.9):
             j = len(founders) - 1
         ids.append(j)
     return ids
+
+
+def uml_step(codec, prompts, samples, head, rng, uml_lambda, mib_beta, grad_clip):
+    """RLP-UML's RM step (RLP Eq. 1): the BT loss on a batch of D plus uml_lambda * L_M on as many view pairs
+    from P (two different samples of one prompt are its two views). `head` is the MIBHead trained beside the RM."""
+    views = [(p, ys) for p, ys in zip(prompts, samples) if len(set(ys)) >= 2]
+
+    def step(rm, opt, batch):
+        rc, rr = pair_rewards(rm, codec, *zip(*batch))
+        loss_r = bt_loss(rc, rr)
+        chosen = rng.sample(views, min(len(views), len(batch)))
+        v1, v2 = zip(*(rng.sample(sorted(set(ys)), 2) for _, ys in chosen))
+        _, h = rm.score(*codec.batch([p for p, _ in chosen] * 2, list(v1) + list(v2)), return_hidden=True)
+        loss_m, stats = mib_loss(head, *h.chunk(2), beta=mib_beta)
+        loss = loss_r + uml_lambda * loss_m
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_check(list(rm.parameters()) + list(head.parameters()), grad_clip, "RM (UML)", 0)
+        opt.step()
+        return {"loss": loss.item(), "bt": loss_r.item(), "acc": pairwise_accuracy(rc, rr), **stats}
+    return step

@@ -1,9 +1,11 @@
-"""What every script needs around its loop: device, seeding, autocast, LR schedule, metrics files, NaN guard."""
+"""What every script needs around its loop: its entry point (bad input in one line, Ctrl-C, a lock on out_dir),
+device, seeding, autocast, LR schedule, metrics files, NaN guard."""
 import contextlib
 import json
 import math
 import os
 import random
+import socket
 import sys
 from dataclasses import asdict
 
@@ -12,7 +14,7 @@ import torch
 
 from . import dist
 from .checkpoint import atomic_write_json
-from .config import parse_args
+from .config import UsageError, parse_args, print_help
 from .data import DataError
 
 
@@ -57,13 +59,79 @@ def clip_and_check(params, max_norm, what, step):
     return norm
 
 
-def main(run, **script_defaults):
-    """A script's entry point: bad input ends in one clear line on stderr and exit code 1, not a traceback."""
+def main(run, cls, validate=None, lock=True):
+    """A script's entry point. `--help` lists its options. The whole config is checked (`validate(cfg)`) before
+    any work; a bad option ends in one line on stderr and exit code 2, bad data or a failed run in one line and
+    exit code 1, Ctrl-C in one line and exit code 130 — never a traceback. With `lock`, out_dir has one writer."""
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print_help(cls, os.path.basename(sys.argv[0]))
+        sys.exit(0)
     try:
-        run(parse_args(**script_defaults))
-    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cfg = parse_args(argv, cls)
+        if validate is not None:
+            validate(cfg)
+        with lock_out_dir(cfg.out_dir) if lock and os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            run(cfg)
+    except UsageError as e:
+        fail(e, 2)
+    except (DataError, ValueError, OSError, FloatingPointError) as e:
+        fail(e, 1)
+    except KeyboardInterrupt:
+        fail("interrupted; resume with --resume=True", 130)
+
+
+def fail(message, code):
+    print(f"error: {message}" if code != 130 else str(message), file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def lock_out_dir(out_dir):
+    """out_dir/LOCK names the one process writing there; a second writer is refused in one line naming the holder.
+    A lock whose process is gone (killed) is taken over. A folder this run created and left empty is removed."""
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "LOCK")
+    holder = f"pid {os.getpid()} on {socket.gethostname()}: python {' '.join(sys.argv)}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            with open(path) as f:
+                other = f.read().strip()
+            if _alive(other):
+                raise UsageError(f"--out_dir={out_dir} is in use by {other} (remove {path} if that process is "
+                                 "gone)") from None
+            os.remove(path)  # a stale lock: its process no longer runs
+    else:
+        raise UsageError(f"--out_dir={out_dir}: could not take {path}")
+    with os.fdopen(fd, "w") as f:
+        f.write(holder + "\n")
+    try:
+        yield
+    finally:
+        os.remove(path)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+
+
+def _alive(holder):
+    """Whether the process named by a LOCK line ('pid N on HOST: ...') still runs (another host: assume so)."""
+    try:
+        pid, host = int(holder.split()[1]), holder.split()[3].rstrip(":")
+    except (IndexError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Metrics:
@@ -75,11 +143,9 @@ class Metrics:
         os.makedirs(out_dir, exist_ok=True)
         self.path, self.stage = os.path.join(out_dir, "metrics.jsonl"), stage
         if os.path.exists(self.path) and dist.is_main():
-            with open(self.path) as f:
-                rows = [line for line in f
-                        if json.loads(line)["stage"] != stage or json.loads(line).get(step_key, 0) < keep_steps]
+            rows = [r for r in read_jsonl(self.path) if r["stage"] != stage or r.get(step_key, 0) < keep_steps]
             with open(self.path, "w") as f:
-                f.writelines(rows)
+                f.writelines(json.dumps(r) + "\n" for r in rows)
 
     def log(self, **row):
         if not dist.is_main():
@@ -90,8 +156,24 @@ class Metrics:
 
     def rows(self):
         """This stage's rows so far."""
-        with open(self.path) as f:
-            return [r for r in map(json.loads, f) if r["stage"] == self.stage]
+        return [r for r in read_jsonl(self.path) if r["stage"] == self.stage]
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file. A torn last line (a run killed mid-write) is dropped with a warning; a bad
+    line elsewhere is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):
+                print(f"warning: {path}:{lineno}: dropped a torn last line ({e.msg})", file=sys.stderr)
+                continue
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    return rows
 
 
 def read_summary(cfg):

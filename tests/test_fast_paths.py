@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from bench import generate_no_cache, hf_model
-from minirlhf.generate import generate, left_pad, sequence_logprobs
+from minirlhf.benchmark import hf_model
+from minirlhf.generate import generate, generate_no_cache, left_pad, sequence_logprobs
 from minirlhf.model import GPT, GPTConfig
 
 

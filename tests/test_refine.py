@@ -7,7 +7,7 @@ import torch
 
 from minirlhf.metarm import difference_objective, meta_step, meta_step_second_order
 from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.reward import bt_loss, score
+from minirlhf.reward import bt_loss
 from minirlhf.rlp import MIBHead, cluster_by_similarity, jsd_mi, mib_loss, symmetric_kl, synthetic_preferences
 
 
@@ -101,7 +101,7 @@ def batches():
 
 
 def bt(rm, pref):
-    rc, rr = score(rm, *pref).chunk(2)
+    rc, rr = rm.score(*pref).chunk(2)
     return bt_loss(rc, rr)
 
 
@@ -125,7 +125,7 @@ def test_meta_step_equals_sgd_at_shifted_weights_and_leaves_optimizer_alone():
     theta = [p.detach().clone() for p in rm.parameters()]
     # by hand: theta' = theta + eta * grad J(theta); g = grad L(theta'); expected = theta - alpha * g
     shifted = copy.deepcopy(rm)
-    J = difference_objective(score(shifted, *meta).view(-1, 3))
+    J = difference_objective(shifted.score(*meta).view(-1, 3))
     with torch.no_grad():
         for p, g in zip(shifted.parameters(), torch.autograd.grad(J, list(shifted.parameters()), allow_unused=True)):
             if g is not None:

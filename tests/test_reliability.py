@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from minirlhf.checkpoint import load, load_model, save_model
+from minirlhf.checkpoint import load
+from minirlhf.model import load_model, save_model
 from minirlhf.data import encode_prompts
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tasks import get_task
@@ -91,10 +92,11 @@ def _run_until_killed(args, ckpt, timeout=120):
 
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stage):
-    base = ["--preset=smoke", "--rm_pairs=64", "--threads=1"]
+    base = ["--preset=smoke", "--threads=1"]
     if stage == "sft":
         args, ckpt, stage = ["train_sft.py", *base, "--sft_steps=40", "--ckpt_every=5"], "sft_state.pt", "sft"
     else:
+        base.append("--rm_pairs=64")
         assert script("train_rm.py", *base, f"--out_dir={tmp_path}/a").returncode == 0
         shutil.copytree(tmp_path / "a", tmp_path / "b")
         args, ckpt, stage = ["train_ppo.py", *base, "--iters=16", "--eval_every=2"], "ppo.pt", "ppo"
@@ -111,9 +113,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stage):
 @pytest.mark.parametrize("stage", ["train_sft.py", "train_rm.py", "train_ppo.py"])
 def test_two_process_gloo_equals_one_process(tmp_path, stage):
     """torchrun --nproc_per_node=2 (gloo, CPU) at the same global batch gives the 1-process result."""
-    args = [stage, "--preset=smoke", "--sft_steps=6", "--sft_batch=16", "--rm_pairs=64", "--threads=1", "--iters=4"]
+    args = [stage, "--preset=smoke", "--sft_steps=6", "--sft_batch=16", "--threads=1"]
+    args += {"train_sft.py": [], "train_rm.py": ["--rm_pairs=64"],
+             "train_ppo.py": ["--rm_pairs=64", "--iters=4"]}[stage]
     if stage == "train_ppo.py":  # both start from the same SFT and RM
-        assert script("train_rm.py", *args[1:], f"--out_dir={tmp_path}/one").returncode == 0
+        assert script("train_rm.py", *args[1:-1], f"--out_dir={tmp_path}/one").returncode == 0
         shutil.copytree(tmp_path / "one", tmp_path / "two")
     one = script(*args, f"--out_dir={tmp_path}/one")
     assert one.returncode == 0, one.stderr

@@ -9,7 +9,8 @@ import torch
 from minirlhf.data import DataError, load_hh_pairs
 from minirlhf.generate import left_pad
 from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.reward import Ensemble, bt_loss, last_token_index, normalize, pairwise_accuracy, score
+from minirlhf.model import last_token_index
+from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy
 
 HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "helpful-base",
                   "test.jsonl.gz")
@@ -33,7 +34,7 @@ def test_score_reads_last_real_token_under_any_padding():
     resp = torch.tensor([[9, 10, 2, 0], [11, 2, 0, 0]])
     rmask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     assert last_token_index(torch.cat([pm, rmask], 1)).tolist() == [5, 4]
-    s = score(rm, prompts, pm, resp, rmask)
+    s = rm.score(prompts, pm, resp, rmask)
     for i, (p, r) in enumerate([([5, 6, 7], [9, 10, 2]), ([8], [11, 2])]):
         alone = rm(torch.tensor([p + r]))[0, -1]  # no padding at all: the last position is the EOS
         assert torch.allclose(s[i], alone, atol=1e-5)
@@ -42,9 +43,9 @@ def test_score_reads_last_real_token_under_any_padding():
 def test_normalize_gives_zero_mean_unit_std():
     rm = tiny_rm()
     ids = torch.randint(1, 20, (16, 6))
-    r = score(rm, ids[:, :2], torch.ones(16, 2, dtype=torch.long), ids[:, 2:], torch.ones(16, 4, dtype=torch.long))
+    r = rm.score(ids[:, :2], torch.ones(16, 2, dtype=torch.long), ids[:, 2:], torch.ones(16, 4, dtype=torch.long))
     normalize(rm, r)
-    r2 = score(rm, ids[:, :2], torch.ones(16, 2, dtype=torch.long), ids[:, 2:], torch.ones(16, 4, dtype=torch.long))
+    r2 = rm.score(ids[:, :2], torch.ones(16, 2, dtype=torch.long), ids[:, 2:], torch.ones(16, 4, dtype=torch.long))
     assert abs(r2.mean().item()) < 1e-5 and abs(r2.std().item() - 1) < 1e-4
 
 
@@ -53,7 +54,7 @@ def test_ensemble_mean_and_min():
     torch.nn.init.constant_(b.head.bias, 5.0)
     batch = (torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([[5, 2]]),
              torch.ones(1, 2, dtype=torch.long))
-    ra, rb = score(a, *batch), score(b, *batch)
+    ra, rb = a.score(*batch), b.score(*batch)
     assert torch.allclose(Ensemble([a, b], "mean").score(*batch), (ra + rb) / 2)
     assert torch.allclose(Ensemble([a, b], "min").score(*batch), torch.minimum(ra, rb))
 
@@ -97,8 +98,29 @@ def test_hh_loader_invalid_utf8_and_empty(tmp_path):
         load_hh_pairs(p)
     e = tmp_path / "empty.jsonl"
     e.write_text("\n")
-    with pytest.raises(DataError, match=r"empty\.jsonl: empty file"):
+    with pytest.raises(DataError, match=r"empty\.jsonl: no usable preference pairs \(empty file\)"):
         load_hh_pairs(e)
+
+
+def test_hh_loader_drops_identical_pairs_and_refuses_a_file_of_nothing_else(tmp_path, capsys):
+    p = tmp_path / "same.jsonl"
+    write_jsonl(p, [pair("yes", "yes"), pair()])
+    assert load_hh_pairs(p) == [("\n\nHuman: hi\n\nAssistant:", " fine", " go away")]
+    assert "dropped 1 pairs whose chosen and rejected responses are identical" in capsys.readouterr().err
+    write_jsonl(p, [pair("yes", "yes"), pair("no", "no")])
+    with pytest.raises(DataError, match=r"same\.jsonl: no usable preference pairs \(all 2 have chosen == rejected\)"):
+        load_hh_pairs(p)
+
+
+def test_hh_loader_names_a_truncated_corrupt_or_fake_gzip(tmp_path):
+    good = gzip.compress(("\n".join(pair(str(i)) for i in range(200)) + "\n").encode())
+    cases = {"cut.jsonl.gz": (good[:len(good) // 2], "truncated gzip file"),
+             "text.jsonl.gz": (pair().encode() + b"\n", "not a valid gzip file"),
+             "flipped.jsonl.gz": (good[:-8] + bytes(8), "not a valid gzip file")}  # checksum and size zeroed
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}: {message}"):
+            load_hh_pairs(tmp_path / name)
 
 
 @pytest.mark.skipif(not os.path.exists(HH), reason="../shared/data/hh-rlhf not present")

@@ -1,34 +1,39 @@
-"""Tiny end-to-end runs of each script on the embedded task (smoke preset: seconds)."""
+"""Tiny end-to-end runs of each stage on the embedded task (smoke preset: seconds), through the library; and
+every script from the command line."""
 import json
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import train_ppo
-import train_rm
-from minirlhf import ppo
-from minirlhf.checkpoint import load_model
-from minirlhf.config import Config, parse_args
+from minirlhf import config, ppo
+from minirlhf.config import PPOConfig, RefineConfig, RMConfig, UsageError, parse_args
+from minirlhf.data import Codec
+from minirlhf.evaluate import summarize
 from minirlhf.generate import sequence_logprobs
+from minirlhf.model import load_model
+from minirlhf.pipeline import prepare_rl
+from minirlhf.ppo_trainer import best_of_n_baseline, rollout, train_ppo
+from minirlhf.refinement import meta_rounds, rlp_round
+from minirlhf.rm import load_preferences, train_rm
 from minirlhf.sources import get_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_cfg(out, *extra, cls=PPOConfig):
+    return parse_args(["--preset=smoke", f"--out_dir={out}", "--rm_pairs=256", "--sft_steps=60", *extra], cls)
 
 
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
     """SFT + proxy RM trained once for the module (smoke preset, a few hundred pairs)."""
     out = str(tmp_path_factory.mktemp("smoke"))
-    cfg = parse_args(["--preset=smoke", f"--out_dir={out}", "--rm_pairs=256", "--sft_steps=60"])
-    train_rm.run(cfg)
+    prepare_rl(smoke_cfg(out))
     return out
-
-
-def smoke_cfg(out, *extra):
-    return parse_args(["--preset=smoke", f"--out_dir={out}", "--rm_pairs=256", "--sft_steps=60", *extra])
 
 
 def read_metrics(out, stage):
@@ -55,9 +60,9 @@ def test_ppo_ratio_is_one_before_first_update(smoke_dir):
     rm = load_model(os.path.join(smoke_dir, "rm.pt"), scalar=True)[0].eval()
     policy = load_model(os.path.join(smoke_dir, "sft.pt"))[0].train()  # train(): dropout is off, so no change
     policy.set_dropout(0.0)
-    prompts = source.task.sample_prompts(cfg.rollout_batch, __import__("random").Random(0), "unlabelled")
-    batch, _ = train_ppo.rollout(policy, sft, rm, rm, source.tokenizer, prompts, cfg, torch.device("cpu"),
-                                 torch.Generator().manual_seed(0), cfg.kl_coef)
+    prompts = source.task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
+    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens)
+    batch, _ = rollout(policy, sft, rm, rm, codec, prompts, cfg, torch.Generator().manual_seed(0), cfg.kl_coef)
     idx = torch.arange(cfg.minibatch)  # a minibatch, as the update sees it
     logp = sequence_logprobs(policy, batch["p"][idx], batch["pm"][idx], batch["r"][idx], batch["rmask"][idx],
                              cfg.temperature)
@@ -70,27 +75,21 @@ def test_ppo_ratio_is_one_before_first_update(smoke_dir):
 def test_ppo_smoke_raises_proxy(smoke_dir):
     cfg = smoke_cfg(smoke_dir, "--iters=12", "--eval_every=12", "--ppo_lr=1e-3", "--rollout_batch=32",
                     "--minibatch=16", "--eval_prompts=64", "--kl_coef=0.0")
-    summary = train_ppo.run(cfg)
+    device, source, sft, rm = prepare_rl(cfg)
+    # its own name: ppo.pt stays the vanilla policy (default settings) that the refinement tests reuse
+    summary = summarize(train_ppo(cfg, source, sft, rm, device, name="ppo_fast")[1])
     assert summary["final"]["eval/proxy"] > summary["sft"]["eval/proxy"] + 0.1
-    rows = read_metrics(smoke_dir, "ppo")
+    rows = read_metrics(smoke_dir, "ppo_fast")
     assert {"objective/kl", "ppo/policy/clipfrac", "ppo/val/explained_variance", "eval/win_rate"} <= \
         {k for r in rows for k in r}
 
 
 def test_best_of_n_smoke(smoke_dir):
-    rows = train_ppo.run(smoke_cfg(smoke_dir, "--method=bon", "--bon_max=4"))
+    cfg = smoke_cfg(smoke_dir, "--bon_max=4")
+    device, source, sft, rm = prepare_rl(cfg)
+    rows = best_of_n_baseline(cfg, source, sft, rm, device)
     assert [r["n"] for r in rows] == [1, 2, 4]
     assert rows[-1]["proxy"] >= rows[0]["proxy"]  # picking by the proxy must raise the proxy
-
-
-def test_cli_runs_and_rejects_bad_override(tmp_path):
-    ok = subprocess.run([sys.executable, "train_sft.py", "--preset=smoke", "--sft_steps=3", f"--out_dir={tmp_path}"],
-                        cwd=ROOT, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    assert os.path.exists(tmp_path / "sft.pt") and os.path.exists(tmp_path / "tokenizer.json")
-    bad = subprocess.run([sys.executable, "train_sft.py", "--sft_steps=many"], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert bad.returncode != 0 and "--sft_steps='many': expected int" in bad.stderr
 
 
 def test_config_parsing():
@@ -100,16 +99,29 @@ def test_config_parsing():
     for bad, msg in [("--nope=1", "unknown option --nope"), ("--iters=1.5", "expected int"),
                      ("--resume=1", "expected bool"), ("iters=3", "not of the form"),
                      ("--preset=huge", "expected one of")]:
-        with pytest.raises(SystemExit, match=msg):
+        with pytest.raises(UsageError, match=msg):
             parse_args([bad])
-    docs = Config.field_docs()
-    assert all(docs.get(f) for f in Config.__dataclass_fields__)  # every field documented
+    with pytest.raises(UsageError, match="unknown option --rounds for this script"):
+        parse_args(["--rounds=2"], config.SFTConfig)  # a refinement option is not train_sft.py's
+
+
+def test_every_field_is_documented_and_help_lists_the_scripts_own_stage_first():
+    for cls in (config.SFTConfig, RMConfig, PPOConfig, RefineConfig, config.ReportConfig, config.BenchConfig):
+        docs = config.field_docs(cls)
+        assert all(docs.get(f) for f in cls.__dataclass_fields__), cls
+    out = subprocess.run([sys.executable, "train_rm.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    sections = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert sections[:2] == ["reward model:", "SFT:"] and "PPO:" not in sections
+    out = subprocess.run([sys.executable, "experiments.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True).stdout
+    assert "--out_dir='out_report'" in out and "--preset='report'" in out and "--iters=40" in out  # true defaults
 
 
 @pytest.mark.parametrize("method", ["uml", "spg", "uml+spg", "oracle", "control"])
 def test_refine_rlp_smoke(smoke_dir, method):
-    import refine
-    result = refine.run(smoke_cfg(smoke_dir, f"--method={method}"))
+    cfg = smoke_cfg(smoke_dir, cls=RefineConfig)
+    device, source, sft, rm = prepare_rl(cfg)
+    result = rlp_round(cfg, method, source, sft, rm, load_preferences(smoke_dir), device)
     assert 0 <= result["rm_after"]["rm_acc_policy_pairs"] <= 1
     assert result["final"]["iter"] == 3
     if "spg" in method:
@@ -119,8 +131,9 @@ def test_refine_rlp_smoke(smoke_dir, method):
 
 @pytest.mark.parametrize("method", ["metarm", "vanilla-rounds"])
 def test_refine_metarm_smoke(smoke_dir, method):
-    import refine
-    rows = refine.run(smoke_cfg(smoke_dir, f"--method={method}", "--rounds=2", "--ood=True"))
+    cfg = smoke_cfg(smoke_dir, "--rounds=2", "--ood=True", cls=RefineConfig)
+    device, source, sft, _ = prepare_rl(cfg)
+    rows = meta_rounds(cfg, method, source, sft, load_preferences(smoke_dir), device)
     assert [r["round"] for r in rows] == [1, 2]
     assert (rows[0]["shift_norm"] > 0) == (method == "metarm")
 
@@ -128,7 +141,8 @@ def test_refine_metarm_smoke(smoke_dir, method):
 def test_rm_ensemble_smoke(smoke_dir, tmp_path):
     import shutil
     shutil.copy(os.path.join(smoke_dir, "sft.pt"), tmp_path / "sft.pt")
-    summary = train_rm.run(smoke_cfg(str(tmp_path), "--ensemble=2", "--ensemble_agg=min", "--rm_pairs=64"))
+    cfg = smoke_cfg(str(tmp_path), "--ensemble=2", "--ensemble_agg=min", "--rm_pairs=64", cls=RMConfig)
+    summary = train_rm(cfg, get_source(cfg), load_model(str(tmp_path / "sft.pt"))[0], torch.device("cpu"))
     assert len(summary["members"]) == 2 and os.path.exists(tmp_path / "rm_1.pt")
     assert summary["members"][0]["held_out_acc_noisy"] != summary["members"][1]["held_out_acc_noisy"] or \
         summary["members"][0]["norm_mean"] != summary["members"][1]["norm_mean"]  # different seeds, different RMs
@@ -139,7 +153,24 @@ HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "helpful-base", "test
 
 @pytest.mark.skipif(not os.path.exists(HH), reason="../shared/data/hh-rlhf not present")
 def test_rm_on_real_hh_rlhf_file(tmp_path):
-    summary = train_rm.run(parse_args(["--preset=smoke", f"--out_dir={tmp_path}", f"--data={HH}", "--rm_pairs=64",
-                                       "--sft_steps=5", "--block_size=96", "--max_new_tokens=48", "--bpe_vocab=512"]))
+    r = subprocess.run([sys.executable, "train_rm.py", "--preset=smoke", f"--out_dir={tmp_path}", f"--data={HH}",
+                        "--rm_pairs=64", "--sft_steps=5", "--block_size=96", "--max_new_tokens=48", "--bpe_vocab=512"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "summary.json") as f:
+        summary = json.load(f)["rm"]
     assert summary["train_pairs"] == 64 and summary["held_out_pairs"] > 200
     assert 0 <= summary["held_out_acc_noisy"] <= 1
+
+
+def test_every_entry_point_runs_from_the_command_line(tmp_path):
+    base = ["--preset=smoke", "--threads=1", "--sft_steps=5", f"--out_dir={tmp_path / 'out'}"]
+    rl = [*base, "--rm_pairs=64"]
+    for args in (["train_sft.py", *base], ["train_rm.py", *rl], ["train_ppo.py", *rl],
+                 ["train_ppo.py", *rl, "--method=bon", "--bon_max=2"], ["refine.py", *rl, "--method=control"],
+                 ["bench.py", "--preset=smoke", "--threads=1", "--sizes=default"]):
+        r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, (args[0], r.stderr[-2000:])
+    assert "one PPO iteration" in r.stdout
+    with open(tmp_path / "out" / "summary.json") as f:
+        assert {"sft", "rm", "ppo", "bon", "refine_control"} <= set(json.load(f))

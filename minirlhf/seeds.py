@@ -1,0 +1,26 @@
+"""Every random stream of a run, named in one place.
+
+A stream's seed derives from the run's --seed alone (plus the step or round where there are many), so a resumed
+run replays exactly and no two stages share draws by accident.
+"""
+SFT_EVAL = 1  # SFT vs the demonstrator on held-out prompts
+PPO_EVAL = 2  # the held-out prompts of every PPO evaluation
+BEST_OF_N = 3  # best-of-n's prompts
+PREFERENCES = 10  # the proxy RM's pairs of SFT samples and their labels
+SHIFTED = 20  # the deliberately shifted (T = 1.5) sampler of train_rm.py's diagnostic
+RLP_SAMPLES = 30  # RLP's policy samples P and SPG's choices
+RLP_RM = 31  # the refined RM's initialisation and batch order
+META_SAMPLES = 40  # + round: MetaRM's S_r (eta-sweep: round 1)
+META_RM = 50  # + round: that round's RM
+RM_MEMBER = 1000  # * k: ensemble member k's RM
+
+
+def step_seed(seed, step):
+    """SFT step `step`'s batch."""
+    return seed * 1_000_003 + step
+
+
+def iteration_seed(seed, it, salt=0):
+    """PPO iteration `it`'s draws; salt separates the streams of one iteration (rollout, baseline, evaluation,
+    minibatch order)."""
+    return (seed * 1_000_003 + it * 7919 + salt) % 2**62

@@ -1,0 +1,170 @@
+"""Every bad input ends in one clear line naming the option or file, fast, with nothing in out_dir lost:
+exit code 2 for a bad option (before any work starts), 1 for bad data or a failed run, 130 for Ctrl-C."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--preset=smoke", "--threads=1", "--rm_pairs=64", "--sft_steps=5"]
+
+
+def script(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder):
+    """Every file under folder with its size and modification time (None: the folder does not exist)."""
+    if not os.path.exists(folder):
+        return None
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def fails(args, code, message, out_dir):
+    """Run a script that must fail: the exit code, stderr exactly one line holding `message` (no traceback), and
+    out_dir as it was."""
+    before = snapshot(out_dir)
+    r = script(*args, f"--out_dir={out_dir}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code, r.stderr
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert snapshot(out_dir) == before
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An out_dir with a smoke SFT policy and proxy RM (n_embd 32)."""
+    out = tmp_path_factory.mktemp("trained") / "out"
+    r = script("train_rm.py", *SMOKE, f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("script_name, args, message", [
+    ("train_ppo.py", ["--iters=-5"], "--iters=-5: must be >= 1"),
+    ("train_ppo.py", ["--rollout_batch=0"], "--rollout_batch=0: must be >= 1"),
+    ("train_ppo.py", ["--eval_prompts=0"], "--eval_prompts=0: must be >= 1"),
+    ("train_ppo.py", ["--kl_coef=-1"], "--kl_coef=-1.0: must be >= 0"),
+    ("train_ppo.py", ["--temperature=0"], "--temperature=0.0: must be > 0"),
+    ("train_ppo.py", ["--max_new_tokens=0"], "--max_new_tokens=0: must be >= 1"),
+    ("train_ppo.py", ["--max_new_tokens=100000", "--block_size=8"],
+     "--max_new_tokens=100000: leaves no room for a prompt in --block_size=8"),
+    ("train_sft.py", ["--n_head=3", "--n_embd=32"], "--n_head=3: must divide --n_embd=32"),
+    ("train_ppo.py", ["--method=nosuch"], "--method='nosuch': expected one of ppo, bon"),
+    ("refine.py", ["--method=nosuch"], "--method='nosuch': expected one of uml, spg"),
+    ("train_ppo.py", ["--label_tau=0"], "--label_tau=0.0: must be > 0"),
+    ("train_ppo.py", ["--minibatch=16", "--rollout_batch=8"], "--minibatch=16: must be <= --rollout_batch=8"),
+    ("refine.py", ["--method=metarm", "--rounds=3", "--iters=2"], "--iters=2: is shared by the rounds"),
+    ("experiments.py", ["--seeds=0"], "--seeds=0: must be >= 1"),
+    ("train_ppo.py", ["--task=nosuch"], "--task='nosuch': expected one of"),
+    ("train_ppo.py", ["--data=README.md"], "--data='README.md': RL stages need an embedded task"),
+    ("train_sft.py", ["--rounds=2"], "unknown option --rounds for this script"),
+    ("train_sft.py", ["--sft_steps=many"], "--sft_steps='many': expected int"),
+    ("bench.py", ["--sizes=nosuch"], "--sizes='nosuch': unknown size 'nosuch'"),
+])
+def test_bad_option_is_one_line_exit_2_before_any_work(tmp_path, script_name, args, message):
+    fails([script_name, "--preset=smoke", *args], 2, f"error: {message}", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_empty_out_dir_is_named(tmp_path):
+    r = script("train_sft.py", "--preset=smoke", "--out_dir=")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --out_dir='': must name a folder"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_cuda_without_a_gpu(tmp_path):
+    fails(["train_ppo.py", "--preset=smoke", "--device=cuda"], 2, "--device='cuda': no CUDA GPU is available",
+          tmp_path / "out")
+
+
+def test_data_that_is_a_directory(tmp_path):
+    fails(["train_rm.py", *SMOKE, f"--data={tmp_path}"], 2, "--data=", tmp_path / "out")
+    assert "not a file" in script("train_rm.py", *SMOKE, f"--data={tmp_path}").stderr
+
+
+PAIR = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: %s", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: %s"}'
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("same.jsonl", (PAIR % ("a", "a") + "\n") * 3, "same.jsonl: no usable preference pairs (all 3 have chosen == "
+                                                    "rejected)"),
+    ("text.jsonl.gz", PAIR % ("a", "b") + "\n", "text.jsonl.gz: not a valid gzip file"),
+    ("cut.jsonl.gz", None, "cut.jsonl.gz: truncated gzip file"),
+])
+def test_bad_data_file_is_one_line_exit_1(tmp_path, name, content, message):
+    import gzip
+    path = tmp_path / name
+    if content is None:
+        data = gzip.compress("".join(PAIR % (i, -i) + "\n" for i in range(500)).encode())
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        path.write_text(content)
+    fails(["train_rm.py", *SMOKE, f"--data={path}"], 1, message, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, damage", [("sft.pt", "half"), ("rm.pt", "half"), ("sft.pt", "text"),
+                                          ("rm.pt", "text")])
+def test_damaged_checkpoint_is_one_line_naming_it(trained, tmp_path, name, damage):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    path = out / name
+    if damage == "half":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    else:
+        path.write_text("hello, I am not a checkpoint\n")
+    line = fails(["train_ppo.py", *SMOKE], 1, f"{path}: corrupt or truncated checkpoint", out)
+    assert line.startswith("error: ")
+
+
+def test_reusing_a_checkpoint_made_with_other_settings_names_the_fields(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    line = fails(["train_ppo.py", *SMOKE, "--n_embd=64"], 2, "sft.pt was made with --n_embd=32, this run asks for "
+                                                             "--n_embd=64", out)
+    assert "--reuse=True" in line
+    r = script("train_ppo.py", *SMOKE, "--n_embd=64", "--reuse=True", f"--out_dir={out}")  # asked for explicitly
+    assert r.returncode == 0, r.stderr
+
+
+def test_second_writer_is_refused_naming_the_holder(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    (out / "LOCK").write_text(f"pid {os.getpid()} on {os.uname().nodename}: python train_ppo.py\n")  # alive
+    fails(["train_ppo.py", *SMOKE], 2, f"is in use by pid {os.getpid()}", out)
+    (out / "LOCK").write_text("pid 999999999 on %s: python train_ppo.py\n" % os.uname().nodename)  # long gone
+    r = script("train_ppo.py", *SMOKE, f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "LOCK").exists()  # released
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "ppo", "iter')
+    r = script("train_ppo.py", *SMOKE, f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "metrics.jsonl:" in r.stderr and "dropped a torn last line" in r.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    proc = subprocess.Popen([sys.executable, "train_ppo.py", *SMOKE, "--iters=500", f"--out_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not (out / "ppo.pt").exists() and proc.poll() is None and time.time() - t < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted; resume with --resume=True" and "Traceback" not in err
