@@ -1,11 +1,13 @@
-"""Benchmarks: generation, a PPO iteration, SFT/RM training throughput and MFU, peak memory (minirlhf/benchmark.py).
+"""Benchmarks: generation, a PPO iteration, SFT/RM training throughput and MFU, peak memory
+(minirlhf/benchmark.py).
 
     python bench.py                      # CPU or GPU, whichever is there; ~2-3 min on 2 CPU cores
     python bench.py --sizes=default      # only the default-preset model
 """
 import torch
 
-from minirlhf.benchmark import SIZES, bench_generation, bench_ppo, bench_training, peak_flops, peak_memory
+from minirlhf.benchmark import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
+                                peak_memory)
 from minirlhf.config import BenchConfig, UsageError
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import main, print_table
@@ -40,8 +42,8 @@ def check(cfg):
     validate(cfg)
     unknown = [s for s in cfg.sizes.split(",") if s not in SIZES]
     if unknown:
-        raise UsageError(f"--sizes={cfg.sizes!r}: unknown size {unknown[0]!r}, expected a comma-separated list of "
-                         f"{', '.join(SIZES)}")
+        raise UsageError(f"--sizes={cfg.sizes!r}: unknown size {unknown[0]!r}, "
+                         f"expected a comma-separated list of {', '.join(SIZES)}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
     python experiments.py --seeds=5                  # the embedded `reviews` task, preset 'report'
     python experiments.py --seeds=5 --task=arith
-    python experiments.py --preset=smoke --seeds=1   # seconds: every output file, meaningless numbers
-    python experiments.py --first_seed=3 --seeds=2   # seeds 3 and 4 only, e.g. in a second process beside one
-                                                     # running --seeds=3 on the same out_dir
+    python experiments.py --preset=smoke --seeds=1   # seconds: every output file, meaningless
+                                                     # numbers
+    python experiments.py --first_seed=3 --seeds=2   # seeds 3 and 4 only, e.g. in a second
+                                                     # process beside one running --seeds=3 on
+                                                     # the same out_dir
 
 Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes. Writes
 out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
@@ -20,5 +22,6 @@ def check(cfg):
 
 
 if __name__ == "__main__":
-    # processes that split the seeds share out_dir: each seed's folder is locked instead, while its cells run
+    # processes that split the seeds share out_dir: each seed's folder is locked instead,
+    # while its cells run
     main(run_report, ReportConfig, check, lock=False)

@@ -1,12 +1,19 @@
-"""Stage 4: refine the RM on policy samples, then PPO again: RLP and MetaRM (minirlhf/refinement.py).
+"""Stage 4: refine the RM on policy samples, then PPO again: RLP and MetaRM
+(minirlhf/refinement.py).
 
-    python refine.py --method=uml           # RLP-UML: + lambda * multi-view information bottleneck on policy samples
-    python refine.py --method=spg           # RLP-SPG: + synthetic pairs from self-consistent policy samples
+    python refine.py --method=uml           # RLP-UML: + lambda * multi-view information bottleneck
+                                            # on policy samples
+    python refine.py --method=spg           # RLP-SPG: + synthetic pairs from self-consistent policy
+                                            # samples
     python refine.py --method=uml+spg       # both (defined in the paper, never run there)
-    python refine.py --method=oracle        # upper bound: the same policy pairs labelled by the gold labeller
-    python refine.py --method=control       # retrain on D only: separates refinement from retraining noise
-    python refine.py --method=metarm --rounds=3      # MetaRM rounds; --method=vanilla-rounds is eta = 0
-    python refine.py --method=eta-sweep     # MetaRM's eta at our scale: J, ||theta' - theta||, accuracies
+    python refine.py --method=oracle        # upper bound: the same policy pairs labelled by the
+                                            # gold labeller
+    python refine.py --method=control       # retrain on D only: separates refinement from
+                                            # retraining noise
+    python refine.py --method=metarm --rounds=3      # MetaRM rounds; --method=vanilla-rounds is
+                                                     # eta = 0
+    python refine.py --method=eta-sweep     # MetaRM's eta at our scale: J, ||theta' - theta||,
+                                            # accuracies
 
 Reuses out_dir's SFT policy, proxy RM and vanilla PPO policy when present (trains them otherwise).
 """
@@ -35,7 +42,8 @@ def run(cfg):
 def check(cfg):
     validate(cfg, methods=METHODS, rl=True)
     if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UsageError("refine.py runs on one process (torchrun: train_sft.py, train_rm.py, train_ppo.py)")
+        raise UsageError("refine.py runs on one process "
+                         "(torchrun: train_sft.py, train_rm.py, train_ppo.py)")
 
 
 if __name__ == "__main__":

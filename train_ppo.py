@@ -1,12 +1,15 @@
 """Stage 3 of RLHF: PPO against the proxy RM, judged by the gold reward. The project's main job
 (minirlhf/ppo_trainer.py).
 
-    python train_ppo.py                         # SFT -> proxy RM -> PPO on `reviews`, then the final table
-    python train_ppo.py --iters=300             # long enough to watch gold peak and fall while the proxy rises
+    python train_ppo.py                         # SFT -> proxy RM -> PPO on `reviews`, then the
+                                                # final table
+    python train_ppo.py --iters=300             # long enough to watch gold peak and fall while
+                                                # the proxy rises
     python train_ppo.py --method=bon            # best-of-n against the proxy, n = 1 ... 256
     python train_ppo.py --resume=True           # continue a killed run from out_dir/ppo.pt
 
-Reuses out_dir/sft.pt and rm.pt when present and made under the same settings (trains them otherwise).
+Reuses out_dir/sft.pt and rm.pt when present and made under the same settings
+(trains them otherwise).
 """
 import os
 
@@ -32,14 +35,15 @@ def run(cfg):
     summary = summarize(history)
     write_summary(cfg, "ppo", summary)
     print("\n=== SFT vs PPO, judged by the gold reward on held-out prompts ===")
-    print_table([dict(policy=name, iter=h["iter"], gold=h["eval/gold"], proxy=h["eval/proxy"], kl=h["eval/kl"],
-                      win_rate=h["eval/win_rate"], length=h["eval/length"], rm_acc=h["eval/rm_acc_policy_pairs"],
-                      proxy_diff_std=h["eval/proxy_diff_std"])
+    print_table([dict(policy=name, iter=h["iter"], gold=h["eval/gold"], proxy=h["eval/proxy"],
+                      kl=h["eval/kl"], win_rate=h["eval/win_rate"], length=h["eval/length"],
+                      rm_acc=h["eval/rm_acc_policy_pairs"], proxy_diff_std=h["eval/proxy_diff_std"])
                  for name, h in (("SFT", summary["sft"]), ("PPO final", summary["final"]),
                                  ("PPO peak gold", summary["peak_gold"]))],
-                ["policy", "iter", "gold", "proxy", "kl", "win_rate", "length", "rm_acc", "proxy_diff_std"])
-    print("(win_rate: gold win-rate vs SFT samples, ties 1/2; rm_acc: proxy accuracy on gold-labelled pairs of the "
-          "policy's own samples)")
+                ["policy", "iter", "gold", "proxy", "kl", "win_rate", "length", "rm_acc",
+                 "proxy_diff_std"])
+    print("(win_rate: gold win-rate vs SFT samples, ties 1/2; rm_acc: proxy accuracy on "
+          "gold-labelled pairs of the policy's own samples)")
     return summary
 
 

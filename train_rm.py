@@ -1,11 +1,14 @@
 """Stage 2 of RLHF: a proxy reward model from a limited budget of preference pairs (minirlhf/rm.py).
 
-    python train_rm.py                                   # embedded task: gold-labelled pairs of SFT samples
+    python train_rm.py                                   # embedded task: gold-labelled pairs of
+                                                         # SFT samples
     python train_rm.py --ensemble=3                      # Coste et al.: 3 RMs from different seeds
-    python train_rm.py --data=path/to/test.jsonl.gz --block_size=256 --max_new_tokens=128   # HH-RLHF file
+    python train_rm.py --data=path/to/test.jsonl.gz --block_size=256 --max_new_tokens=128
+                                                         # HH-RLHF file
 
-Initialises from out_dir/sft.pt (training SFT first if missing). Reports held-out accuracy on noisy labels and
-on clean gold labels, normalises the RM on SFT samples and saves out_dir/rm.pt (ensemble members as rm_1.pt, ...).
+Initialises from out_dir/sft.pt (training SFT first if missing). Reports held-out accuracy on noisy
+labels and on clean gold labels, normalises the RM on SFT samples and saves out_dir/rm.pt
+(ensemble members as rm_1.pt, ...).
 """
 from minirlhf.config import RMConfig
 from minirlhf.rm import train_rm

@@ -1,8 +1,9 @@
-"""Benchmarks: generation, a PPO iteration, SFT/RM training throughput and MFU, peak memory (bench.py).
+"""Benchmarks: generation, a PPO iteration, SFT/RM training throughput and MFU,
+peak memory (bench.py).
 
-Every ratio is measured within one run (ours vs a baseline on the same machine, same weights). Greedy outputs of
-every generation path are checked equal before any timing is reported. The Hugging Face row appears when
-`transformers` is installed (it is not a dependency).
+Every ratio is measured within one run (ours vs a baseline on the same machine, same weights).
+Greedy outputs of every generation path are checked equal before any timing is reported. The Hugging
+Face row appears when `transformers` is installed (it is not a dependency).
 """
 import random
 import resource
@@ -20,7 +21,8 @@ from .tasks import get_task
 
 SIZES = {"default": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=64, n_positions=64),
          "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)}
-# (batch, prompt length, new tokens) per size: GPT-2-small is cut down so the CPU bench stays within minutes
+# (batch, prompt length, new tokens) per size: GPT-2-small is cut down so the CPU bench
+# stays within minutes
 GEN_SHAPE = {"default": (64, 8, 40), "gpt2-small": (16, 16, 24)}
 
 
@@ -30,13 +32,15 @@ def sync(device):
 
 
 def timed(fn, device, repeat=3):
-    """Best wall time of `repeat` calls after one warm-up call (best-of filters a shared machine's noise)."""
+    """Best wall time of `repeat` calls after one warm-up call
+    (best-of filters a shared machine's noise)."""
     return interleaved({"f": fn}, device, repeat)["f"]
 
 
 def interleaved(fns, device, repeat):
-    """Best wall time of each function, calling them in turn (a, b, a, b, ...) so that a slow spell of a shared
-    machine hits every candidate alike: the ratios stay honest even when absolute times drift."""
+    """Best wall time of each function, calling them in turn (a, b, a, b, ...) so that a slow
+    spell of a shared machine hits every candidate alike: the ratios stay honest even when
+    absolute times drift."""
     best = {k: float("inf") for k in fns}
     for fn in fns.values():
         fn()  # warm-up
@@ -64,7 +68,8 @@ def hf_model(model):
 def bench_generation(name, model, device):
     B, P, N = GEN_SHAPE[name]
     g = torch.Generator().manual_seed(0)
-    rows = [[int(t) for t in torch.randint(4, model.cfg.vocab_size, (P - (i % 4),), generator=g)] for i in range(B)]
+    rows = [[int(t) for t in torch.randint(4, model.cfg.vocab_size, (P - (i % 4),), generator=g)]
+            for i in range(B)]
     prompt, pm = left_pad(rows, pad_id=0, device=device)
     eos = 2  # random weights rarely emit it: every path generates all N tokens
 
@@ -74,21 +79,24 @@ def bench_generation(name, model, device):
     reference = ours()
     assert torch.equal(generate_no_cache(model, prompt, pm, N).masked_fill(
         (reference == 0), 0), reference), "cache and no-cache greedy outputs differ"
-    fns = {"ours (static KV cache)": ours, "no cache": lambda: generate_no_cache(model, prompt, pm, N)}
+    fns = {"ours (static KV cache)": ours,
+           "no cache": lambda: generate_no_cache(model, prompt, pm, N)}
     hf = hf_model(model)
     if hf is not None:
         def hf_generate():
             with torch.no_grad():
-                return hf.generate(input_ids=prompt, attention_mask=pm, max_new_tokens=N, min_new_tokens=N,
-                                   do_sample=False, pad_token_id=0, eos_token_id=None)[:, P:]
-        assert torch.equal(hf_generate(), generate(model, prompt, pm, N, -1, 0, greedy=True, stop_early=False)[0]), \
+                return hf.generate(input_ids=prompt, attention_mask=pm, max_new_tokens=N,
+                                   min_new_tokens=N, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)[:, P:]
+        assert torch.equal(hf_generate(), generate(model, prompt, pm, N, -1, 0, greedy=True,
+                                                   stop_early=False)[0]), \
             "HF greedy output differs from ours"
         fns["HF generate"] = hf_generate
     results = interleaved(fns, device, repeat=5 if name == "default" else 1)
     out = []
     for k, t in results.items():
-        out.append({"size": name, "generator": k, "batch": B, "new_tokens": N, "tokens/s": B * N / t,
-                    "ours_speedup": t / results["ours (static KV cache)"]})
+        out.append({"size": name, "generator": k, "batch": B, "new_tokens": N,
+                    "tokens/s": B * N / t, "ours_speedup": t / results["ours (static KV cache)"]})
     return out
 
 
@@ -96,22 +104,24 @@ def peak_flops(device):
     """Measured peak: a large matmul in the training dtype (fp32 on CPU, bf16 on CUDA)."""
     n = 2048 if device.type == "cpu" else 8192
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype),
+            torch.randn(n, n, device=device, dtype=dtype))
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeat=5)
 
 
 def bench_training(name, spec, device, peak):
-    """SFT and RM steps on random tokens at this size: tokens/s and MFU. FLOPs per token (forward + backward):
-    6 x (non-embedding parameters) + 12 L T d for attention, + 6 V d for the LM head (SFT only: the RM never
-    computes it). Embedding lookups cost no FLOPs."""
+    """SFT and RM steps on random tokens at this size: tokens/s and MFU.
+    FLOPs per token (forward + backward):
+    6 x (non-embedding parameters) + 12 L T d for attention, + 6 V d for the LM head
+    (SFT only: the RM never computes it). Embedding lookups cost no FLOPs."""
     B, T = (32, 64) if name == "default" else ((4, 128) if device.type == "cpu" else (16, 1024))
     torch.manual_seed(0)
     model = GPT(GPTConfig(**spec)).to(device)
     n_params = sum(p.numel() for n, p in model.transformer.h.named_parameters())
     flops_per_token = 6 * n_params + 12 * spec["n_layer"] * T * spec["n_embd"]
     ids = torch.randint(4, spec["vocab_size"], (B, T), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                  enabled=False)
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+           else torch.autocast("cpu", enabled=False))
     out = []
     for kind, net in (("SFT", model), ("RM", ScalarModel(model).to(device))):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
@@ -120,7 +130,8 @@ def bench_training(name, spec, device, peak):
             with amp:
                 if kind == "SFT":
                     logits = net(ids[:, :-1])
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                           ids[:, 1:].reshape(-1))
                 else:
                     loss = net(ids)[:, -1].float().pow(2).mean()
             opt.zero_grad(set_to_none=True)
@@ -135,7 +146,8 @@ def bench_training(name, spec, device, peak):
 
 
 def bench_ppo(device, cfg):
-    """One PPO iteration of the default preset (random weights, the reviews vocabulary), split into its parts."""
+    """One PPO iteration of the default preset (random weights, the reviews vocabulary),
+    split into its parts."""
     task = get_task("reviews")
     tok = task.tokenizer
     torch.manual_seed(0)
@@ -143,18 +155,23 @@ def bench_ppo(device, cfg):
     policy, rm = GPT(sft.cfg).to(device), ScalarModel(sft).to(device).eval()
     policy.load_state_dict(sft.state_dict())
     critic = ScalarModel(GPT(sft.cfg)).to(device)
-    opt_pi, opt_v = torch.optim.AdamW(policy.parameters(), lr=1e-5), torch.optim.AdamW(critic.parameters(), lr=1e-5)
+    opt_pi, opt_v = (torch.optim.AdamW(policy.parameters(), lr=1e-5),
+                     torch.optim.AdamW(critic.parameters(), lr=1e-5))
     prompts = task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
     p, pm = encode_prompts(tok, prompts, device)
     gen = torch.Generator(device).manual_seed(0)
-    t_gen = timed(lambda: generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id, generator=gen), device)
+    t_gen = timed(lambda: generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                                   generator=gen), device)
     codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
     t_roll = timed(lambda: rollout(policy, sft, critic, rm, codec, prompts, cfg, gen, 0.01), device)
     batch, _ = rollout(policy, sft, critic, rm, codec, prompts, cfg, gen, 0.01)
-    t_upd = timed(lambda: ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, gen), device, repeat=1)
+    t_upd = timed(lambda: ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, gen), device,
+                  repeat=1)
     return [{"part": "rollout: generation", "seconds": t_gen},
-            {"part": "rollout: policy+reference log-probs, values, reward", "seconds": t_roll - t_gen},
-            {"part": f"update ({cfg.ppo_epochs} epochs x {cfg.rollout_batch // cfg.minibatch} minibatches)",
+            {"part": "rollout: policy+reference log-probs, values, reward",
+             "seconds": t_roll - t_gen},
+            {"part": f"update ({cfg.ppo_epochs} epochs x "
+                     f"{cfg.rollout_batch // cfg.minibatch} minibatches)",
              "seconds": t_upd}]
 
 

@@ -1,6 +1,7 @@
 """Crash-safe checkpoints: atomic writes and code-free loads.
 
-An exact resume needs no saved RNG state: every script derives each step's randomness from (seed, step)."""
+An exact resume needs no saved RNG state: every script derives each step's randomness
+from (seed, step)."""
 import json
 import os
 import pickle
@@ -13,8 +14,8 @@ from .config import UsageError
 
 
 def _atomic_write(path, write):
-    """Write via a temp file in the same folder + fsync + rename: a crash leaves the old file or the new one.
-    Under torchrun only rank 0 writes."""
+    """Write via a temp file in the same folder + fsync + rename: a crash leaves the old file or the
+    new one. Under torchrun only rank 0 writes."""
     if not dist.is_main():
         return
     folder = os.path.dirname(os.path.abspath(path))
@@ -22,7 +23,8 @@ def _atomic_write(path, write):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result the permissions open() would
+    # mkstemp makes 0600 files; give the result the permissions open() would
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -44,33 +46,37 @@ def atomic_write_json(obj, path):
 
 
 def load(path, expect=None):
-    """torch.load with weights_only=True: a checkpoint that would run code is refused, never executed. Any file
-    that is not a readable checkpoint is one error naming it. With `expect` ({field: value}), a checkpoint that
-    records other values for those fields is refused (see `check_made_with`)."""
+    """torch.load with weights_only=True: a checkpoint that would run code is refused, never
+    executed. Any file that is not a readable checkpoint is one error naming it. With `expect`
+    ({field: value}), a checkpoint that records other values for those fields is refused
+    (see `check_made_with`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused to load (not a plain-tensor checkpoint): {str(e).splitlines()[0]}") from e
+        raise ValueError(f"{path}: refused to load (not a plain-tensor checkpoint): "
+                         f"{str(e).splitlines()[0]}") from e
     except Exception as e:  # a torn zip, a text file, a directory: torch raises many kinds
         raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     if not isinstance(ck, dict):
-        raise ValueError(f"{path}: not a minirlhf checkpoint (expected a dict, got {type(ck).__name__})")
+        raise ValueError(f"{path}: not a minirlhf checkpoint "
+                         f"(expected a dict, got {type(ck).__name__})")
     if expect is not None:
         check_made_with(path, ck.get("config"), expect)
     return ck
 
 
 def check_made_with(path, made, expect):
-    """Refuse to reuse a checkpoint made under other settings: the error names each differing field. A
-    checkpoint from before checkpoints recorded their settings (made is None) is taken as it is."""
+    """Refuse to reuse a checkpoint made under other settings: the error names each
+    differing field. A checkpoint from before checkpoints recorded their settings
+    (made is None) is taken as it is."""
     if made is None:
         return
     differ = [k for k in expect if k in made and made[k] != expect[k]]
     if differ:
         was = ", ".join(f"--{k}={made[k]!r}" for k in differ)
         now = ", ".join(f"--{k}={expect[k]!r}" for k in differ)
-        raise UsageError(f"{path} was made with {was}, this run asks for {now}: use another --out_dir, or "
-                         "--reuse=True to use it anyway")
+        raise UsageError(f"{path} was made with {was}, this run asks for {now}: "
+                         "use another --out_dir, or --reuse=True to use it anyway")

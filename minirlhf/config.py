@@ -1,9 +1,10 @@
 """Configs per stage: dataclasses with a docstring per field, presets, and `--key=value` overrides.
 
-Each group below holds one stage's fields. A script's config is the union of the groups it uses (train_ppo.py
-trains SFT and the RM first when they are missing, so it takes their groups too); `--help` lists the script's own
-group first. Values are parsed with `ast.literal_eval` (never exec/eval), type-checked against the field, and the
-whole config is validated (`validate`) before any work starts.
+Each group below holds one stage's fields. A script's config is the union of the groups it uses
+(train_ppo.py trains SFT and the RM first when they are missing, so it takes their groups too);
+`--help` lists the script's own group first. Values are parsed with `ast.literal_eval`
+(never exec/eval), type-checked against the field, and the whole config is validated (`validate`)
+before any work starts.
 """
 import ast
 import inspect
@@ -32,17 +33,19 @@ class Run:
     resume: bool = False
     """Continue from the last checkpoint in out_dir instead of starting fresh."""
     reuse: bool = False
-    """Reuse checkpoints in out_dir even when they were made with different settings (normally an error)."""
+    """Reuse checkpoints in out_dir even when they were made with different settings
+    (normally an error)."""
     ckpt_every: int = 100
     """SFT steps between resumable checkpoints (PPO checkpoints at every evaluation)."""
     preset: str = "default"
-    """'smoke' (seconds, for tests), 'default' (the CPU run), 'report' (experiments.py's multi-seed run on a CPU) or
-    'gpu' (a bigger model for one GPU)."""
+    """'smoke' (seconds, for tests), 'default' (the CPU run), 'report' (experiments.py's multi-seed
+    run on a CPU) or 'gpu' (a bigger model for one GPU)."""
     data: str = ""
-    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues (train_sft.py, train_rm.py); empty = the
-    embedded task."""
+    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues (train_sft.py,
+    train_rm.py); empty = the embedded task."""
     tokenizer: str = ""
-    """With --data: a folder holding GPT-2's vocab.json + merges.txt; empty = train a byte-level BPE on the file."""
+    """With --data: a folder holding GPT-2's vocab.json + merges.txt; empty = train a
+    byte-level BPE on the file."""
     bpe_vocab: int = 4096
     """With --data and no --tokenizer: vocabulary size of the BPE trained on the file."""
 
@@ -157,30 +160,33 @@ class Refine:
     uml_lambda: float = 0.5
     """RLP-UML: weight lambda of the multi-view information-bottleneck loss L_M."""
     mib_beta: float = 1.0
-    """RLP-UML: weight beta of the symmetrised KL in L_M (0 = the MVI ablation; ours, the paper has none)."""
+    """RLP-UML: weight beta of the symmetrised KL in L_M (0 = the MVI ablation; ours,
+    the paper has none)."""
     z_dim: int = 64
     """RLP-UML: size of the bottleneck representation z."""
     spg_gamma: float = 0.5
     """RLP-SPG: minimum self-consistency confidence (0 = the select-all ablation)."""
     spg_rank: str = "cluster"
-    """RLP-SPG: 'cluster' (the paper) or 'rm' (ablation: RM-best vs RM-worst sample, no clustering)."""
+    """RLP-SPG: 'cluster' (the paper) or 'rm' (ablation: RM-best vs RM-worst
+    sample, no clustering)."""
     rounds: int = 3
-    """MetaRM: refinement rounds (RM retrained, PPO continued for iters // rounds, each round: in all, vanilla
-    PPO's budget)."""
+    """MetaRM: refinement rounds (RM retrained, PPO continued for iters // rounds, each round: in
+    all, vanilla PPO's budget)."""
     meta_k: int = 5
     """MetaRM: policy samples per prompt in the difference objective."""
     meta_prompts: int = 8
     """MetaRM: prompts per meta batch X_s (k samples each)."""
     meta_eta: float = 1.0
-    """MetaRM: gradient-ascent step eta on J, from `refine.py --method=eta-sweep` (||theta' - theta|| ~ 0.4-0.5 at
-    1.0; held-out accuracy within about one standard error of eta = 0; see README). The paper's 5e-6 barely moves
-    a model of our size."""
+    """MetaRM: gradient-ascent step eta on J, from `refine.py --method=eta-sweep`
+    (||theta' - theta|| ~ 0.4-0.5 at 1.0; held-out accuracy within about one standard error of
+    eta = 0; see README). The paper's 5e-6 barely moves a model of our size."""
     meta_temp_delta: float = 0.2
     """MetaRM: S_r is sampled at the PPO temperature plus this ('a little above')."""
     meta_second_order: bool = False
     """MetaRM: differentiate through the inner step (not what the paper ran; slower)."""
     ood: bool = False
-    """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays in-distribution)."""
+    """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays
+    in-distribution)."""
 
 
 @dataclass
@@ -194,10 +200,12 @@ class Report:
 @dataclass
 class Bench:
     sizes: str = "default,gpt2-small"
-    """bench.py: comma-separated model sizes to time: 'default' (the default preset's model), 'gpt2-small'."""
+    """bench.py: comma-separated model sizes to time: 'default' (the default preset's
+    model), 'gpt2-small'."""
 
 
-# ---- one config per script: its own group first, then the stages it runs first when their outputs are missing
+# ---- one config per script: its own group first, then the stages it runs first when their
+# outputs are missing
 @dataclass
 class SFTConfig(SFT, Model, Run):
     pass
@@ -217,14 +225,15 @@ class PPOConfig(PPO, RM, SFT, Model, Run):
 @dataclass
 class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
     method: str = "uml"
-    """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each), 'metarm', 'vanilla-rounds' (MetaRM's
-    rounds with eta = 0) or 'eta-sweep'."""
+    """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each), 'metarm', 'vanilla-rounds'
+    (MetaRM's rounds with eta = 0) or 'eta-sweep'."""
 
 
 @dataclass
 class ReportConfig(Report, Refine, PPO, RM, SFT, Model, Run):
     out_dir: str = "out_report"
-    """Folder of results.json, cells/ and one subfolder per task (report.md, curves, one folder per seed)."""
+    """Folder of results.json, cells/ and one subfolder per task (report.md, curves, one
+    folder per seed)."""
     preset: str = "report"
     """'report' (the multi-seed run on a CPU), 'smoke' (seconds), 'default' or 'gpu'."""
 
@@ -234,20 +243,24 @@ class BenchConfig(Bench, PPO, SFT, Model, Run):
     pass
 
 
-GROUPS = (("run", Run), ("model and sampling", Model), ("SFT", SFT), ("reward model", RM), ("PPO", PPO),
-          ("refinement (RLP, MetaRM)", Refine), ("report", Report), ("benchmark", Bench))
+GROUPS = (("run", Run), ("model and sampling", Model), ("SFT", SFT), ("reward model", RM),
+          ("PPO", PPO), ("refinement (RLP, MetaRM)", Refine), ("report", Report),
+          ("benchmark", Bench))
 
-# Fields that shape a stage's checkpoint (a checkpoint records them; reusing it under other values is an error).
-# The rest only say how a run is carried out or judged (device, threads, evaluation sizes, PPO's length), or, for
-# an ensemble, how many members there are (member k is the same RM whatever their number).
-NOT_SHAPING = {"out_dir", "device", "bf16", "threads", "resume", "reuse", "ckpt_every", "preset", "eval_prompts",
-               "iters", "eval_every", "sample_every", "bon_max", "method", "ensemble", "ensemble_agg"}
-STAGE_GROUPS = {"sft": (Run, Model, SFT), "rm": (Run, Model, SFT, RM), "ppo": (Run, Model, SFT, RM, PPO)}
+# Fields that shape a stage's checkpoint (a checkpoint records them; reusing it under other values
+# is an error). The rest only say how a run is carried out or judged (device, threads, evaluation
+# sizes, PPO's length), or, for an ensemble, how many members there are (member k is the same RM
+# whatever their number).
+NOT_SHAPING = {"out_dir", "device", "bf16", "threads", "resume", "reuse", "ckpt_every", "preset",
+               "eval_prompts", "iters", "eval_every", "sample_every", "bon_max", "method",
+               "ensemble", "ensemble_agg"}
+STAGE_GROUPS = {"sft": (Run, Model, SFT), "rm": (Run, Model, SFT, RM),
+                "ppo": (Run, Model, SFT, RM, PPO)}
 
 
 def made_with(cfg, stage):
-    """{field: value} of the settings that shape `stage`'s checkpoint ('sft', 'rm' or 'ppo'); SFT's does not
-    depend on the sampling temperature."""
+    """{field: value} of the settings that shape `stage`'s checkpoint ('sft', 'rm' or 'ppo'); SFT's
+    does not depend on the sampling temperature."""
     names = {f.name for g in STAGE_GROUPS[stage] for f in fields(g)} - NOT_SHAPING
     if stage == "sft":
         names.discard("temperature")
@@ -255,39 +268,46 @@ def made_with(cfg, stage):
 
 
 PRESETS = {
-    "smoke": dict(n_layer=2, n_head=2, n_embd=32, sft_steps=30, sft_batch=16, warmup=5, rm_pairs=64, rm_epochs=1,
-                  rm_batch=16, iters=3, rollout_batch=8, minibatch=4, ppo_epochs=2, eval_every=2, eval_prompts=16,
-                  sample_every=2, max_new_tokens=24, bon_max=8),
+    "smoke": dict(n_layer=2, n_head=2, n_embd=32, sft_steps=30, sft_batch=16, warmup=5, rm_pairs=64,
+                  rm_epochs=1, rm_batch=16, iters=3, rollout_batch=8, minibatch=4, ppo_epochs=2,
+                  eval_every=2, eval_prompts=16, sample_every=2, max_new_tokens=24, bon_max=8),
     "default": {},
-    # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per iteration), 40
-    # iterations, a smaller human budget D; about 21 min per seed of `reviews` on one core. Vanilla PPO still
-    # over-optimises clearly (gold peaks, then falls; README, Results).
-    "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=128, rm_pairs=1000, rounds=2),
-    "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4, rm_lr=5e-5,
-                rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256, minibatch=64),
+    # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per
+    # iteration), 40 iterations, a smaller human budget D; about 21 min per seed of `reviews` on one
+    # core. Vanilla PPO still over-optimises clearly (gold peaks, then falls; README, Results).
+    "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=128, rm_pairs=1000,
+                   rounds=2),
+    "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4,
+                rm_lr=5e-5, rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256,
+                minibatch=64),
 }
 
 
 def field_docs(cls):
-    """{field: docstring} of a dataclass and its bases, read from the string literal after each field."""
+    """{field: docstring} of a dataclass and its bases, read from the string literal
+    after each field."""
     docs = {}
     for klass in reversed(cls.__mro__):
         if klass is object:
             continue
         body = ast.parse(inspect.getsource(klass)).body[0].body
         for stmt, nxt in zip(body, body[1:]):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)):
                 docs[stmt.target.id] = nxt.value.value
     return docs
 
 
 def print_help(cls, script):
-    """The script's options, grouped by stage, its own stage first, with the defaults it really uses."""
+    """The script's options, grouped by stage, its own stage first, with the
+    defaults it really uses."""
     docs, defaults, titles = field_docs(cls), parse_args([], cls), {g: t for t, g in GROUPS}
     grouped = {f.name for g in titles for f in fields(g)}
-    print(f"usage: python {script} [--key=value ...]   (values are Python literals; a bare word is a string)")
+    print(f"usage: python {script} [--key=value ...]   "
+          "(values are Python literals; a bare word is a string)")
     sections = [("options of this script", [f.name for f in fields(cls) if f.name not in grouped])]
-    sections += [(titles[g], [f.name for f in fields(g)]) for g in cls.__mro__ if g in titles]  # own stage first
+    sections += [(titles[g], [f.name for f in fields(g)])
+                 for g in cls.__mro__ if g in titles]  # own stage first
     for title, names in sections:
         if names:
             print(f"\n{title}:")
@@ -299,13 +319,14 @@ def _check_type(name, value, annotation):
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
-        raise UsageError(f"--{name}={value!r}: expected {annotation.__name__}, got {type(value).__name__}")
+        raise UsageError(f"--{name}={value!r}: expected {annotation.__name__}, "
+                         f"got {type(value).__name__}")
     return value
 
 
 def parse_args(argv=None, cls=PPOConfig):
-    """A `cls` from its defaults, then `--preset=NAME`, then `--key=value` overrides (later wins). Raises
-    UsageError naming the option."""
+    """A `cls` from its defaults, then `--preset=NAME`, then `--key=value` overrides (later wins).
+    Raises UsageError naming the option."""
     argv = sys.argv[1:] if argv is None else argv
     types = {f.name: f.type for f in fields(cls)}
     overrides = {}
@@ -323,4 +344,5 @@ def parse_args(argv=None, cls=PPOConfig):
     preset = overrides.get("preset", cls.preset)
     if preset not in PRESETS:
         raise UsageError(f"--preset={preset!r}: expected one of {sorted(PRESETS)}")
-    return replace(cls(), **{**{k: v for k, v in PRESETS[preset].items() if k in types}, **overrides})
+    return replace(cls(), **{**{k: v for k, v in PRESETS[preset].items() if k in types},
+                             **overrides})

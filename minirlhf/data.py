@@ -1,6 +1,7 @@
 """Text <-> tensors in minirlhf's batch layout, the gold labeller, and the HH-RLHF file loader.
 
-Layout (see generate.py): prompts left-padded and preceded by BOS; responses right-padded, ending with EOS.
+Layout (see generate.py): prompts left-padded and preceded by BOS; responses
+right-padded, ending with EOS.
 """
 import gzip
 import json
@@ -17,8 +18,8 @@ from .generate import left_pad, response_mask
 
 
 def encode_prompts(tok, prompts, device="cpu", max_len=None):
-    """BOS + prompt tokens, left-padded. A prompt longer than `max_len` keeps its last max_len tokens (the text
-    nearest the response matters most); BOS is kept."""
+    """BOS + prompt tokens, left-padded. A prompt longer than `max_len` keeps its last max_len
+    tokens (the text nearest the response matters most); BOS is kept."""
     seqs = []
     for p in prompts:
         ids = tok.encode(p)
@@ -29,7 +30,8 @@ def encode_prompts(tok, prompts, device="cpu", max_len=None):
 
 
 def encode_responses(tok, responses, max_len, device="cpu"):
-    """Response tokens + EOS, cut to max_len (a cut response has no EOS: it is unfinished), right-padded."""
+    """Response tokens + EOS, cut to max_len (a cut response has no EOS: it is
+    unfinished), right-padded."""
     seqs = [(tok.encode(r) + [tok.eos_id])[:max_len] for r in responses]
     N = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), N), tok.pad_id, dtype=torch.long)
@@ -47,7 +49,8 @@ def decode_responses(tok, response, mask):
 
 @dataclass
 class Codec:
-    """How one run turns texts into batches: its tokenizer, the room for prompt and response, its device."""
+    """How one run turns texts into batches: its tokenizer, the room for prompt and
+    response, its device."""
     tok: object
     prompt_len: int
     max_new_tokens: int
@@ -65,8 +68,9 @@ class Codec:
 
 
 def gold_label(task, prompt, a, b, tau, flip, rng):
-    """The simulated annotator: returns True if a is preferred. P(a > b) = sigmoid((g(a) - g(b)) / tau), then
-    each label flips with probability `flip` (AlpacaFarm-style extra noise)."""
+    """The simulated annotator: returns True if a is preferred.
+    P(a > b) = sigmoid((g(a) - g(b)) / tau), then each label flips with probability `flip`
+    (AlpacaFarm-style extra noise)."""
     diff = (task.gold(prompt, a) - task.gold(prompt, b)) / tau
     a_wins = rng.random() < 1 / (1 + math.exp(-max(-50.0, min(50.0, diff))))
     return a_wins != (rng.random() < flip)
@@ -77,8 +81,9 @@ class DataError(ValueError):
 
 
 def _split_dialogue(chosen, rejected):
-    """HH-RLHF pairs are dialogues that agree up to some '\\n\\nAssistant:' turn: the prompt is their common text up
-    to the last such marker, the responses are the rest of each (occasionally several turns long)."""
+    """HH-RLHF pairs are dialogues that agree up to some '\\n\\nAssistant:' turn: the prompt is
+    their common text up to the last such marker, the responses are the rest of each (occasionally
+    several turns long)."""
     marker = "\n\nAssistant:"
     common = os.path.commonprefix([chosen, rejected])
     cut = common.rfind(marker)
@@ -89,8 +94,9 @@ def _split_dialogue(chosen, rejected):
 
 
 def read_bytes(path):
-    """The file's bytes, gunzipped if it is named .gz; a bad file is one DataError naming it. A .gz is read
-    whole first, so that its checksum is verified before any line is blamed for bad UTF-8 or JSON."""
+    """The file's bytes, gunzipped if it is named .gz; a bad file is one DataError naming it.
+    A .gz is read whole first, so that its checksum is verified before any line is blamed for
+    bad UTF-8 or JSON."""
     try:
         if not str(path).endswith(".gz"):
             with open(path, "rb") as f:
@@ -108,9 +114,10 @@ def read_bytes(path):
 
 
 def load_hh_pairs(path):
-    """[(prompt, chosen, rejected)] from an HH-RLHF-style JSONL file (optionally .gz) of {"chosen", "rejected"}.
-    Any bad line raises DataError naming the file, line number and field. Pairs whose two responses are the same
-    text teach nothing: they are dropped with a warning, and a file of nothing else is an error."""
+    """[(prompt, chosen, rejected)] from an HH-RLHF-style JSONL file (optionally .gz) of
+    {"chosen", "rejected"}. Any bad line raises DataError naming the file, line number and field.
+    Pairs whose two responses are the same text teach nothing: they are dropped with a warning, and
+    a file of nothing else is an error."""
     pairs, same = [], 0
     for lineno, raw in enumerate(read_bytes(path).splitlines(), 1):
         try:
@@ -133,16 +140,16 @@ def load_hh_pairs(path):
                                 f"got {type(row[field]).__name__}")
         split = _split_dialogue(row["chosen"], row["rejected"])
         if split is None:
-            raise DataError(f"{path}:{lineno}: field 'chosen': no '\\n\\nAssistant:' turn shared with "
-                            "'rejected'")
+            raise DataError(f"{path}:{lineno}: field 'chosen': no '\\n\\nAssistant:' turn "
+                            "shared with 'rejected'")
         if split[1] == split[2]:
             same += 1
             continue
         pairs.append(split)
     if not pairs:
-        raise DataError(f"{path}: no usable preference pairs" + (f" (all {same} have chosen == rejected)" if same
-                                                                  else " (empty file)"))
+        raise DataError(f"{path}: no usable preference pairs"
+                        + (f" (all {same} have chosen == rejected)" if same else " (empty file)"))
     if same:
-        print(f"warning: {path}: dropped {same} pairs whose chosen and rejected responses are identical",
-              file=sys.stderr)
+        print(f"warning: {path}: dropped {same} pairs whose chosen and rejected responses "
+              "are identical", file=sys.stderr)
     return pairs

@@ -1,9 +1,11 @@
-"""Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N script.py` (NCCL on GPU, gloo on CPU).
+"""Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N script.py` (NCCL
+on GPU, gloo on CPU).
 
-Every rank holds the whole model and draws the same global batch (its randomness derives from the seed and the
-step); each rank works on its own slice of it. Losses are normalised by *global* counts and gradients are summed
-across ranks, so a step equals the single-process step on the same global batch. Only rank 0 writes files.
-Without torchrun (no RANK in the environment) every function here is a no-op on a single process.
+Every rank holds the whole model and draws the same global batch (its randomness derives from the
+seed and the step); each rank works on its own slice of it. Losses are normalised by *global* counts
+and gradients are summed across ranks, so a step equals the single-process step on the same global
+batch. Only rank 0 writes files. Without torchrun (no RANK in the environment) every function here
+is a no-op on a single process.
 """
 import os
 import sys
@@ -55,7 +57,8 @@ def all_sum(x):
 
 
 def sync_grads(params):
-    """Sum every gradient over ranks: with globally normalised losses this is the full-batch gradient."""
+    """Sum every gradient over ranks: with globally normalised losses this is the
+    full-batch gradient."""
     if world() > 1:
         for p in params:
             if p.grad is not None:

@@ -1,4 +1,5 @@
-"""Judging a policy with the task's gold reward: what really got better, and how far the proxy drifted from it."""
+"""Judging a policy with the task's gold reward: what really got better, and how far the
+proxy drifted from it."""
 import math
 
 import numpy as np
@@ -11,8 +12,8 @@ from .generate import generate, sequence_logprobs
 
 @torch.no_grad()
 def rollout_texts(policy, ref, rm, codec, prompts, temperature, generator, batch=256):
-    """Sample one response per prompt; returns texts, proxy scores, KL to ref (sum of k1 over tokens) and
-    lengths, as numpy arrays (texts a list)."""
+    """Sample one response per prompt; returns texts, proxy scores, KL to ref
+    (sum of k1 over tokens) and lengths, as numpy arrays (texts a list)."""
     tok = codec.tok
     texts, proxy, kl, length = [], [], [], []
     for i in range(0, len(prompts), batch):
@@ -37,17 +38,20 @@ def win_tie_lose(gold, baseline_gold):
 def evaluate(policy, ref, rm, task, codec, prompts, sft_gold, temperature, generator):
     """Two samples per held-out prompt, judged by the gold reward and by the proxy RM.
 
-    sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Returns a flat dict of metrics; the RM is
-    normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
+    sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Returns a flat dict of
+    metrics; the RM is normalised to unit std on SFT samples, so reward-difference spreads are
+    in SFT-std units."""
     a, proxy_a, kl, length = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
     b, proxy_b, _, _ = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
     gold_a = np.array([task.gold(p, y) for p, y in zip(prompts, a)])
     gold_b = np.array([task.gold(p, y) for p, y in zip(prompts, b)])
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
-    rm_acc = float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any() else float("nan")
+    rm_acc = (float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any()
+              else float("nan"))
     wtl = win_tie_lose(gold_a, sft_gold)
-    return {"eval/gold": float(gold_a.mean()), "eval/proxy": float(proxy_a.mean()), "eval/kl": float(kl.mean()),
-            "eval/length": float(length.mean()), "eval/eos_rate": float(np.mean([y.endswith("<eos>") for y in a])),
+    return {"eval/gold": float(gold_a.mean()), "eval/proxy": float(proxy_a.mean()),
+            "eval/kl": float(kl.mean()), "eval/length": float(length.mean()),
+            "eval/eos_rate": float(np.mean([y.endswith("<eos>") for y in a])),
             "eval/win_rate": wtl["win_rate"], "eval/win": wtl["win"], "eval/tie": wtl["tie"],
             "eval/lose": wtl["lose"], "eval/rm_acc_policy_pairs": rm_acc,
             "eval/proxy_gold_corr": _corr(proxy_a, gold_a),
@@ -62,10 +66,11 @@ def _corr(x, y):
 
 
 def best_of_n_curve(proxy, gold, ns):
-    """Expected gold of best-of-n (pick the highest-proxy of n samples) for each n, from N >= n samples per prompt
-    without bias (Nakano et al. 2021): with samples sorted by proxy, the i-th smallest (1-based) is the best of a
-    random n-subset with probability C(i-1, n-1) / C(N, n). proxy, gold: (prompts, N). Returns [(n, kl, gold)],
-    with the analytic KL(best-of-n || pi) = log n - (n - 1) / n."""
+    """Expected gold of best-of-n (pick the highest-proxy of n samples) for each n, from N >= n
+    samples per prompt without bias (Nakano et al. 2021): with samples sorted by proxy, the i-th
+    smallest (1-based) is the best of a random n-subset with probability C(i-1, n-1) / C(N, n).
+    proxy, gold: (prompts, N). Returns [(n, kl, gold)], with the analytic
+    KL(best-of-n || pi) = log n - (n - 1) / n."""
     proxy, gold = np.asarray(proxy), np.asarray(gold)
     N = proxy.shape[1]
     order = np.argsort(proxy, axis=1, kind="stable")
@@ -86,8 +91,9 @@ def _log_comb(n, k):
 
 
 def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
-    """Gao et al.'s best-of-n curve against the proxy: gold of the highest-proxy of n SFT samples, for n = 1, 2,
-    4, ..., n_max, from n_max samples per prompt. Returns rows {n, kl, gold, proxy}."""
+    """Gao et al.'s best-of-n curve against the proxy: gold of the highest-proxy of n SFT samples,
+    for n = 1, 2, 4, ..., n_max, from n_max samples per prompt. Returns rows
+    {n, kl, gold, proxy}."""
     proxy, gold = [], []
     for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
         texts, s, _, _ = rollout_texts(sft, sft, rm, codec, prompts, temperature, generator)
@@ -96,11 +102,14 @@ def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
     proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     return [{"n": n, "kl": kl, "gold": g, "proxy": pc[2]}
-            for (n, kl, g), pc in zip(best_of_n_curve(proxy, gold, ns), best_of_n_curve(proxy, proxy, ns))]
+            for (n, kl, g), pc in zip(best_of_n_curve(proxy, gold, ns),
+                                      best_of_n_curve(proxy, proxy, ns))]
 
 
 def summarize(history):
-    """The iteration-0 (SFT), final and peak-gold evaluations, and the whole curve (iter, KL, proxy, gold)."""
+    """The iteration-0 (SFT), final and peak-gold evaluations, and the whole curve
+    (iter, KL, proxy, gold)."""
     peak = max(history, key=lambda h: h["eval/gold"])
-    curve = [{k: h[k] for k in ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate")} for h in history]
+    curve = [{k: h[k] for k in ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate")}
+             for h in history]
     return {"sft": history[0], "final": history[-1], "peak_gold": peak, "curve": curve}

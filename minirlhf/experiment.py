@@ -1,9 +1,9 @@
-"""The reproduction report's runs: every method on every seed, one cell at a time, resumable and splittable
-across processes (ALGORITHMS.md §4).
+"""The reproduction report's runs: every method on every seed, one cell at a time, resumable and
+splittable across processes (ALGORITHMS.md §4).
 
-Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with the same PPO
-budget (--iters). A finished cell lands at once as its own file in out_dir/cells/ and is merged into
-out_dir/results.json; finished cells are never rerun.
+Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with
+the same PPO budget (--iters). A finished cell lands at once as its own file in out_dir/cells/ and
+is merged into out_dir/results.json; finished cells are never rerun.
 """
 import json
 import os
@@ -31,21 +31,24 @@ def run_cell(cfg, method):
     if method == "ppo":
         vanilla_policy(cfg, source, sft, rm, device)
         summary = read_summary(cfg)
-        return {**summary["ppo"], "rm_after": {"held_out_acc_gold": summary["rm"].get("held_out_acc_gold")}}
+        return {**summary["ppo"],
+                "rm_after": {"held_out_acc_gold": summary["rm"].get("held_out_acc_gold")}}
     prefs = load_preferences(cfg.out_dir)
     if method in RLP_METHODS:
         return rlp_round(cfg, method, source, sft, rm, prefs, device)
-    if method.startswith("ensemble"):  # Coste et al.: 3 RMs from different seeds (member 0 is the proxy itself)
+    # Coste et al.: 3 RMs from different seeds (member 0 is the proxy itself)
+    if method.startswith("ensemble"):
         ens_cfg = replace(cfg, ensemble=3, ensemble_agg=method.split("-")[1])
-        _, history = train_ppo(ens_cfg, source, sft, ensure_rm(ens_cfg, source, sft, device), device,
-                               name=f"ppo_{method}")
+        _, history = train_ppo(ens_cfg, source, sft, ensure_rm(ens_cfg, source, sft, device),
+                               device, name=f"ppo_{method}")
         return summarize(history)
     return {"rounds": meta_rounds(cfg, method, source, sft, prefs, device)}
 
 
 def load_results(out_dir):
-    """Every finished cell: results.json merged with out_dir/cells/, where each cell lands as its own file the
-    moment it finishes (so processes that split the seeds with --first_seed can share one out_dir)."""
+    """Every finished cell: results.json merged with out_dir/cells/, where each cell lands as its
+    own file the moment it finishes (so processes that split the seeds with --first_seed can
+    share one out_dir)."""
     path, cells = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "cells")
     results = {}
     if os.path.exists(path):
@@ -61,16 +64,19 @@ def load_results(out_dir):
 
 
 def run_report(cfg):
-    """Every method on seeds first_seed .. first_seed + seeds - 1 of cfg.task, then report.md and the curves."""
+    """Every method on seeds first_seed .. first_seed + seeds - 1 of cfg.task, then
+    report.md and the curves."""
     results = load_results(cfg.out_dir)
     cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in METHODS]
     for k, method in tqdm(cells, desc=f"report {cfg.task}"):
         key = f"{cfg.task}/seed{k}/{method}"
         if key not in results:  # finished cells are never rerun
             seed_cfg = replace(cfg, seed=k, out_dir=os.path.join(cfg.out_dir, cfg.task, f"seed{k}"))
-            with lock_out_dir(seed_cfg.out_dir):  # one writer per seed folder; processes may split the seeds
+            # one writer per seed folder; processes may split the seeds
+            with lock_out_dir(seed_cfg.out_dir):
                 cell = {key: run_cell(seed_cfg, method)}
-            atomic_write_json(cell, os.path.join(cfg.out_dir, "cells", key.replace("/", "-") + ".json"))
+            atomic_write_json(cell, os.path.join(cfg.out_dir, "cells",
+                                                 key.replace("/", "-") + ".json"))
             results.update(cell)
     results = load_results(cfg.out_dir)
     write_report(cfg, results, METHODS)

@@ -1,8 +1,10 @@
-"""Batched sampling from left-padded prompts with a preallocated KV cache, and log-prob recomputation.
+"""Batched sampling from left-padded prompts with a preallocated KV cache, and
+log-prob recomputation.
 
-Layout used everywhere in minirlhf: a batch is `prompt (B, P)` left-padded with `prompt_mask (B, P)`, followed by
-`response (B, N)` right-padded with `response_mask (B, N)` (1 up to and including the first EOS). The full
-sequence is `cat([prompt, response], 1)` with mask `cat([prompt_mask, response_mask], 1)`.
+Layout used everywhere in minirlhf: a batch is `prompt (B, P)` left-padded with
+`prompt_mask (B, P)`, followed by `response (B, N)` right-padded with `response_mask (B, N)` (1 up
+to and including the first EOS). The full sequence is `cat([prompt, response], 1)` with mask
+`cat([prompt_mask, response_mask], 1)`.
 """
 import torch
 import torch.nn.functional as F
@@ -29,24 +31,27 @@ def _filter_logits(logits, top_k, top_p):
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p
+        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
 @torch.no_grad()
-def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0, top_p=1.0,
-             greedy=False, stop_early=True, generator=None, check_every=8, rows=None):
-    """Sample up to `max_new_tokens` per row. Returns (response (B, N), logprobs (B, N), response_mask (B, N)).
+def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0,
+             top_p=1.0, greedy=False, stop_early=True, generator=None, check_every=8, rows=None):
+    """Sample up to `max_new_tokens` per row. Returns (response (B, N), logprobs (B, N),
+    response_mask (B, N)).
 
-    logprobs are under the distribution actually sampled from (temperature, then top-k/top-p); 0 on padding.
-    Rows that emitted EOS keep producing PAD. With `stop_early`, the loop ends once every row is done, checked
-    only every `check_every` steps so that CUDA never waits on the host each token; `stop_early=False` is the
-    fixed-length mode (exactly max_new_tokens steps, no host sync at all).
-    Sampling is by inverse CDF with one uniform per row and step. `rows=(first, total)` says this batch is rows
-    first.. of a global batch of `total` (data parallel): uniforms are drawn for the whole global batch, so a row
-    gets the same tokens however the batch is split across processes.
+    logprobs are under the distribution actually sampled from (temperature, then top-k/top-p); 0
+    on padding. Rows that emitted EOS keep producing PAD. With `stop_early`, the loop ends once
+    every row is done, checked only every `check_every` steps so that CUDA never waits on the host
+    each token; `stop_early=False` is the fixed-length mode (exactly max_new_tokens steps, no host
+    sync at all). Sampling is by inverse CDF with one uniform per row and step.
+    `rows=(first, total)` says this batch is rows first.. of a global batch of `total`
+    (data parallel): uniforms are drawn for the whole global batch, so a row gets the same tokens
+    however the batch is split across processes.
     """
     B, P = prompt.shape
     first, total = rows or (0, B)
@@ -56,8 +61,10 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
     response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((B, max_new_tokens), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    pos = prompt_mask.long().sum(-1, keepdim=True) - 1  # (B, 1) position id of each row's last prompt token
-    logits = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0), cache=cache)[:, -1]
+    # (B, 1) position id of each row's last prompt token
+    pos = prompt_mask.long().sum(-1, keepdim=True) - 1
+    logits = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0),
+                   cache=cache)[:, -1]
     ones = torch.ones((B, 1), dtype=torch.long, device=device)
     n = max_new_tokens
     for t in range(max_new_tokens):
@@ -66,9 +73,11 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
         if greedy:
             tok = logits.argmax(-1)
         else:
-            u = torch.rand(total, generator=generator, device=device)[first:first + B, None]  # (B, 1)
+            u = torch.rand(total, generator=generator,
+                           device=device)[first:first + B, None]  # (B, 1)
             cdf = logp.exp().cumsum(-1)
-            # right=True skips zero-probability tokens; the clamp covers a float cdf ending just below 1
+            # right=True skips zero-probability tokens; the clamp covers a float cdf
+            # ending just below 1
             tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
         tok = torch.where(done, pad_id, tok)
         response[:, t] = tok
@@ -86,18 +95,22 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
 
 def response_mask(response, eos_id):
     """1 for every token up to and including the first EOS; a row without EOS is all real tokens.
-    (A PAD the policy sampled mid-response counts as a real token: the mask is about EOS, not about PAD.)"""
+    (A PAD the policy sampled mid-response counts as a real token: the mask is about
+    EOS, not about PAD.)"""
     is_eos = (response == eos_id).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()  # no EOS strictly before this token
 
 
-def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperature=1.0, with_entropy=False):
-    """Log-probs (B, N) of the response tokens with one forward over prompt + response (0 on padding).
-    With the same temperature these equal what `generate` returned. Optionally also the entropy (B, N)."""
+def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperature=1.0,
+                      with_entropy=False):
+    """Log-probs (B, N) of the response tokens with one forward over prompt + response
+    (0 on padding). With the same temperature these equal what `generate` returned. Optionally also
+    the entropy (B, N)."""
     ids = torch.cat([prompt, response], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     P = prompt.shape[1]
-    logits = model(ids, mask)[:, P - 1:-1].float() / temperature  # (B, N, V): logits that predicted each token
+    # (B, N, V): logits that predicted each token
+    logits = model(ids, mask)[:, P - 1:-1].float() / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, response[..., None]).squeeze(-1) * resp_mask
     if not with_entropy:
@@ -108,8 +121,8 @@ def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperatu
 
 @torch.no_grad()
 def generate_no_cache(model, prompt, prompt_mask, n):
-    """The reference for the KV cache: greedy decoding that reruns the whole sequence every step (tests and
-    bench.py check the cached path against it)."""
+    """The reference for the KV cache: greedy decoding that reruns the whole sequence every step
+    (tests and bench.py check the cached path against it)."""
     ids, mask = prompt, prompt_mask
     for _ in range(n):
         nxt = model(ids, mask)[:, -1].argmax(-1, keepdim=True)

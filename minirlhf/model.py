@@ -1,10 +1,12 @@
 """A GPT-2-architecture decoder, small enough to read in one sitting.
 
-Parameter names and shapes follow Hugging Face's GPT-2 (`transformer.h.0.attn.c_attn.weight`, ...), so a GPT-2
-checkpoint loads with `GPT.from_pretrained(folder)`. Two things RLHF needs beyond nanoGPT:
-- left padding: every forward takes `attention_mask` (B, T) and `position_ids` (B, T) = cumsum(mask) - 1, so a
-  padded row computes exactly what it would compute alone;
-- a preallocated KV cache (`KVCache`) that decoding writes into in place, so every decode step has the same shapes.
+Parameter names and shapes follow Hugging Face's GPT-2
+(`transformer.h.0.attn.c_attn.weight`, ...), so a GPT-2 checkpoint loads with
+`GPT.from_pretrained(folder)`. Two things RLHF needs beyond nanoGPT:
+- left padding: every forward takes `attention_mask` (B, T) and `position_ids`
+  (B, T) = cumsum(mask) - 1, so a padded row computes exactly what it would compute alone;
+- a preallocated KV cache (`KVCache`) that decoding writes into in place, so every decode step
+  has the same shapes.
 `ScalarModel` puts a Linear(d, 1) head on the backbone: the reward model and the PPO critic.
 """
 import json
@@ -31,7 +33,8 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for `max_len` positions, allocated once: decoding writes in place."""
+    """Keys and values of every layer for `max_len` positions, allocated once:
+    decoding writes in place."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
@@ -54,9 +57,11 @@ class Attention(nn.Module):
     def forward(self, x, allowed, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
-            # write this chunk into the static cache, then attend over the whole buffer (constant shape)
+            # write this chunk into the static cache, then attend over the whole
+            # buffer (constant shape)
             cache.k[layer, :, :, cache.pos:cache.pos + T] = k
             cache.v[layer, :, :, cache.pos:cache.pos + T] = v
             k, v = cache.k[layer], cache.v[layer]
@@ -74,7 +79,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's "gelu_new"
+        # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -91,10 +97,12 @@ class Block(nn.Module):
 
 
 def attention_allowed(key_mask, q_pos):
-    """Which keys each query may see: real keys at or before the query's slot, plus the query itself.
+    """Which keys each query may see: real keys at or before the query's slot,
+    plus the query itself.
 
-    key_mask (B, Tk) bool, q_pos (Tq,) slot index of each query. Returns (B, 1, Tq, Tk) bool. The diagonal is
-    always allowed so that a padding query (no real key before it) stays finite instead of softmax-ing over nothing.
+    key_mask (B, Tk) bool, q_pos (Tq,) slot index of each query. Returns (B, 1, Tq, Tk) bool. The
+    diagonal is always allowed so that a padding query (no real key before it) stays finite instead
+    of softmax-ing over nothing.
     """
     k_pos = torch.arange(key_mask.shape[1], device=key_mask.device)
     causal = k_pos[None, :] <= q_pos[:, None]  # (Tq, Tk)
@@ -128,7 +136,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def set_dropout(self, p):
-        """Dropout must be off in every RL-time model (it would make the PPO ratio != 1 before any update)."""
+        """Dropout must be off in every RL-time model (it would make the PPO ratio != 1
+        before any update)."""
         self.cfg.dropout = p
         for m in self.modules():
             if isinstance(m, nn.Dropout):
@@ -138,8 +147,9 @@ class GPT(nn.Module):
 
     def forward(self, idx, attention_mask=None, position_ids=None, cache=None, return_hidden=False):
         """idx (B, T) token ids; attention_mask (B, T) 1 for real tokens, 0 for left padding;
-        position_ids (B, T), by default cumsum(mask) - 1; cache: a KVCache to extend by these T positions.
-        Returns logits (B, T, V), or the final hidden states (B, T, C) with return_hidden=True."""
+        position_ids (B, T), by default cumsum(mask) - 1; cache: a KVCache to extend by these T
+        positions. Returns logits (B, T, V), or the final hidden states (B, T, C) with
+        return_hidden=True."""
         B, T = idx.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
@@ -149,8 +159,10 @@ class GPT(nn.Module):
             allowed = attention_allowed(attention_mask.bool(), torch.arange(T, device=idx.device))
         else:
             cache.key_mask[:, cache.pos:cache.pos + T] = attention_mask.bool()
-            allowed = attention_allowed(cache.key_mask, torch.arange(cache.pos, cache.pos + T, device=idx.device))
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))  # (B, T, C)
+            allowed = attention_allowed(cache.key_mask,
+                                        torch.arange(cache.pos, cache.pos + T, device=idx.device))
+        x = self.transformer.drop(self.transformer.wte(idx)
+                                  + self.transformer.wpe(position_ids))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, allowed, cache, i)
         if cache is not None:
@@ -161,29 +173,36 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    # ---- Hugging Face GPT-2 layout -------------------------------------------------------------------------
-    # HF stores these four as Conv1D weights, shaped (in, out): transpose them to and from nn.Linear.
+    # ---- Hugging Face GPT-2 layout ---------------------------------------------------------------
+    # HF stores these four as Conv1D weights, shaped (in, out): transpose them
+    # to and from nn.Linear.
     _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
     def save_pretrained(self, folder):
         """Write `config.json` + `pytorch_model.bin` in Hugging Face's GPT-2 layout."""
         os.makedirs(folder, exist_ok=True)
-        hf_cfg = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], activation_function="gelu_new",
-                      n_ctx=self.cfg.n_positions, **{k: v for k, v in asdict(self.cfg).items() if k != "dropout"},
-                      resid_pdrop=self.cfg.dropout, embd_pdrop=self.cfg.dropout, attn_pdrop=self.cfg.dropout)
+        hf_cfg = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"],
+                      activation_function="gelu_new", n_ctx=self.cfg.n_positions,
+                      **{k: v for k, v in asdict(self.cfg).items() if k != "dropout"},
+                      resid_pdrop=self.cfg.dropout, embd_pdrop=self.cfg.dropout,
+                      attn_pdrop=self.cfg.dropout)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
-        sd = {k: (v.t() if k.endswith(self._CONV1D) else v).contiguous() for k, v in self.state_dict().items()}
+        sd = {k: (v.t() if k.endswith(self._CONV1D) else v).contiguous()
+              for k, v in self.state_dict().items()}
         atomic_save(sd, os.path.join(folder, "pytorch_model.bin"))
 
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0):
-        """Load a local Hugging Face GPT-2 folder (config.json + pytorch_model.bin or model.safetensors)."""
+        """Load a local Hugging Face GPT-2 folder (config.json + pytorch_model.bin or
+        model.safetensors)."""
         with open(os.path.join(folder, "config.json")) as f:
             hf_cfg = json.load(f)
         names = {f.name for f in fields(GPTConfig)}
-        cfg = GPTConfig(**{k: v for k, v in hf_cfg.items() if k in names and k != "dropout"}, dropout=dropout)
-        st_path, bin_path = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+        cfg = GPTConfig(**{k: v for k, v in hf_cfg.items() if k in names and k != "dropout"},
+                        dropout=dropout)
+        st_path, bin_path = (os.path.join(folder, "model.safetensors"),
+                             os.path.join(folder, "pytorch_model.bin"))
         if os.path.exists(bin_path):
             sd = torch.load(bin_path, map_location="cpu", weights_only=True)
         elif os.path.exists(st_path):
@@ -197,12 +216,14 @@ class GPT(nn.Module):
         for k, v in sd.items():
             if k.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # HF's causal-mask buffers, not parameters
-            key = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model has no prefix
+            # GPT2Model has no prefix
+            key = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
             if key not in ours:
                 raise ValueError(f"{folder}: unexpected tensor {k!r}")
             v = v.t() if key.endswith(cls._CONV1D) else v
             if v.shape != ours[key].shape:
-                raise ValueError(f"{folder}: {k!r} has shape {tuple(v.shape)}, config needs {tuple(ours[key].shape)}")
+                raise ValueError(f"{folder}: {k!r} has shape {tuple(v.shape)}, "
+                                 f"config needs {tuple(ours[key].shape)}")
             loaded[key] = v
         loaded.setdefault("lm_head.weight", loaded["transformer.wte.weight"])
         missing = set(ours) - set(loaded)
@@ -239,9 +260,10 @@ class ScalarModel(nn.Module):
 
 
 def score_with(forward, prompt, prompt_mask, response, resp_mask, return_hidden=False):
-    """r(x, y) (B,) of a ScalarModel's `forward` read at the last real token of prompt + response (the EOS of a
-    finished response). With return_hidden, also that token's final hidden state (B, C), the feature the head
-    reads. (MetaRM's second-order step passes a functional forward at shifted weights.)"""
+    """r(x, y) (B,) of a ScalarModel's `forward` read at the last real token of prompt + response
+    (the EOS of a finished response). With return_hidden, also that token's final hidden state
+    (B, C), the feature the head reads. (MetaRM's second-order step passes a functional forward at
+    shifted weights.)"""
     ids = torch.cat([prompt, response], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     values, hidden = forward(ids, mask, return_hidden=True)  # (B, T), (B, T, C)
@@ -251,26 +273,31 @@ def score_with(forward, prompt, prompt_mask, response, resp_mask, return_hidden=
 
 
 def last_token_index(mask):
-    """Index of the last 1 in each row of mask (B, T): works for left, right and both-sided padding."""
+    """Index of the last 1 in each row of mask (B, T): works for left, right and
+    both-sided padding."""
     T = mask.shape[1]
     return T - 1 - mask.long().flip(-1).argmax(-1)
 
 
 def save_model(path, model, **meta):
-    """A GPT or ScalarModel with the GPTConfig needed to rebuild it (plain dicts: weights_only-loadable)."""
+    """A GPT or ScalarModel with the GPTConfig needed to rebuild it (plain dicts:
+    weights_only-loadable)."""
     gpt = getattr(model, "gpt", model)
     atomic_save({"model": model.state_dict(), "gpt_config": asdict(gpt.cfg), **meta}, path)
 
 
 def load_model(path, scalar=False, expect=None):
-    """Rebuild the GPT (or ScalarModel with scalar=True) saved by save_model; a mismatch names the file."""
+    """Rebuild the GPT (or ScalarModel with scalar=True) saved by save_model; a
+    mismatch names the file."""
     ck = load(path, expect)
     if "model" not in ck or "gpt_config" not in ck:
-        raise ValueError(f"{path}: not a minirlhf model checkpoint (fields 'model' and 'gpt_config' needed)")
+        raise ValueError(f"{path}: not a minirlhf model checkpoint "
+                         "(fields 'model' and 'gpt_config' needed)")
     try:
         gpt = GPT(GPTConfig(**ck["gpt_config"]))
         model = ScalarModel(gpt) if scalar else gpt
         model.load_state_dict(ck["model"])
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: checkpoint does not match its model config: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}: checkpoint does not match its model config: "
+                         f"{str(e).splitlines()[0]}") from None
     return model, ck

@@ -1,4 +1,5 @@
-"""PPO's pure functions: masked statistics, KL-shaped rewards, GAE, the clipped losses, KL controllers.
+"""PPO's pure functions: masked statistics, KL-shaped rewards, GAE, the clipped
+losses, KL controllers.
 
 Every tensor is (B, N) over response tokens with `mask` 1 on real tokens (a prefix of each row).
 """
@@ -18,15 +19,16 @@ def masked_var(x, mask):
 
 
 def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens only; shift_mean=False keeps the mean (used for rewards)."""
+    """(x - mean) / std over the real tokens only; shift_mean=False keeps the mean
+    (used for rewards)."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
 
 def shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):
-    """r_t = -beta * (log pi(y_t) - log pi_ref(y_t))  (k1 estimator), plus the sequence reward `score` (B,) on the
-    last real token, never on padding. Returns (rewards, kl), each (B, N)."""
+    """r_t = -beta * (log pi(y_t) - log pi_ref(y_t))  (k1 estimator), plus the sequence reward
+    `score` (B,) on the last real token, never on padding. Returns (rewards, kl), each (B, N)."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     rows = torch.arange(mask.shape[0], device=mask.device)
@@ -42,7 +44,8 @@ def sequence_reward(score, finished, no_eos_penalty):
 def compute_gae(rewards, values, mask, gamma, lam):
     """Generalised advantage estimation (Schulman et al. 2016), right to left:
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lam * A_{t+1}
-    with V = 0 after the last real token. Returns (advantages, returns), returns = A + V (before whitening)."""
+    with V = 0 after the last real token. Returns (advantages, returns), returns = A + V
+    (before whitening)."""
     values = values * mask
     advantages = torch.zeros_like(rewards)
     next_adv = torch.zeros_like(rewards[:, 0])
@@ -57,14 +60,16 @@ def compute_gae(rewards, values, mask, gamma, lam):
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip):
-    """Clipped surrogate: mean over real tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
+    """Clipped surrogate: mean over real tokens of
+    max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"ppo/policy/approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),  # Schulman's k3
+        # Schulman's k3
+        stats = {"ppo/policy/approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
                  "ppo/policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
                  "ppo/ratio/mean": masked_mean(ratio, mask).item(),
                  "ppo/ratio/var": masked_var(ratio, mask).item()}
@@ -74,17 +79,20 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip):
 def value_loss(values, old_values, returns, mask, clip):
     """Clipped value loss: 0.5 * mean max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
-    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+    loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2),
+                             mask)
     with torch.no_grad():
-        stats = {"ppo/val/clipfrac": masked_mean(((values - returns) ** 2 < (clipped_values - returns) ** 2)
-                                                 .float(), mask).item(),
+        stats = {"ppo/val/clipfrac": masked_mean(((values - returns) ** 2
+                                                  < (clipped_values - returns) ** 2).float(),
+                                                 mask).item(),
                  "ppo/val/explained_variance": explained_variance(values, returns, mask)}
     return loss, stats
 
 
 def explained_variance(values, returns, mask):
     """1 - Var[R - V] / Var[R] over real tokens: 1 is a perfect critic, <= 0 a useless one."""
-    return (1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)).item()
+    return (1 - masked_var(returns - values, mask)
+            / masked_var(returns, mask).clamp(min=1e-8)).item()
 
 
 class FixedKLController:
@@ -96,7 +104,8 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)."""
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, -0.2,
+    0.2) * n_steps / horizon)."""
 
     def __init__(self, value, target, horizon):
         self.value, self.target, self.horizon = value, target, horizon

@@ -36,7 +36,8 @@ def iteration_rng(seed, it, device, salt=0):
 
 
 def critic_values(critic, prompt, prompt_mask, response, resp_mask):
-    """V(s_t) for each response token t: the critic read at the position that predicts token t. (B, N)"""
+    """V(s_t) for each response token t: the critic read at the position that
+    predicts token t. (B, N)"""
     ids = torch.cat([prompt, response], 1)
     values = critic(ids, torch.cat([prompt_mask, resp_mask], 1))
     return values[:, prompt.shape[1] - 1:-1] * resp_mask
@@ -44,20 +45,25 @@ def critic_values(critic, prompt, prompt_mask, response, resp_mask):
 
 @torch.no_grad()
 def rollout(policy, ref, critic, rm, codec, prompts, cfg, generator, kl_coef):
-    """Steps 1-6: sample, score, and turn the batch into advantages and returns (all PPO's epochs need).
-    With torchrun, each rank samples and scores its slice of the prompts; `dist.gather_rows` then gives every rank
-    the whole batch, so GAE, whitening and the update read as single-process code."""
+    """Steps 1-6: sample, score, and turn the batch into advantages and returns
+    (all PPO's epochs need). With torchrun, each rank samples and scores its slice of the prompts;
+    `dist.gather_rows` then gives every rank the whole batch, so GAE, whitening and the update read
+    as single-process code."""
     tok = codec.tok
     p, pm = (dist.shard(t) for t in codec.prompts(prompts))
     first = dist.shard_bounds(len(prompts))[0]
     # 1. sample: pure sampling at T (§1.3)
-    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                           generator=generator, rows=(first, len(prompts)))
+    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                           temperature=cfg.temperature, generator=generator,
+                           rows=(first, len(prompts)))
     N = dist.all_max(r.shape[1])  # every rank pads its responses to the widest rank's
-    r, rmask = F.pad(r, (0, N - r.shape[1]), value=tok.pad_id), F.pad(rmask, (0, N - rmask.shape[1]))
-    # 2. old log-probs by the same forward the update uses, so the ratio is exactly 1 before the first step (§1.3)
+    r, rmask = (F.pad(r, (0, N - r.shape[1]), value=tok.pad_id),
+                F.pad(rmask, (0, N - rmask.shape[1])))
+    # 2. old log-probs by the same forward the update uses, so the ratio is exactly 1 before
+    # the first step (§1.3)
     logp = sequence_logprobs(policy, p, pm, r, rmask, cfg.temperature)
-    ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)  # the same temperature everywhere (§1.3)
+    # the same temperature everywhere (§1.3)
+    ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)
     values = critic_values(critic, p, pm, r, rmask)
     # 3. score; a response cut off before EOS gets the no-EOS penalty instead (§1.3)
     finished = (r == tok.eos_id).any(-1)
@@ -66,8 +72,10 @@ def rollout(policy, ref, critic, rm, codec, prompts, cfg, generator, kl_coef):
         p, pm, r, rmask, logp, ref_logp, values, score, finished)
     rewards, kl = ppo.shaped_rewards(score, logp, ref_logp, rmask, kl_coef)  # 4.
     advantages, returns = ppo.compute_gae(rewards, values, rmask, cfg.gamma, cfg.lam)  # 5.
-    advantages = ppo.masked_whiten(advantages, rmask)  # 6. over valid tokens, after the returns (§1.3)
-    batch = dict(p=p, pm=pm, r=r, rmask=rmask, logp=logp, values=values, advantages=advantages, returns=returns)
+    # 6. over valid tokens, after the returns (§1.3)
+    advantages = ppo.masked_whiten(advantages, rmask)
+    batch = dict(p=p, pm=pm, r=r, rmask=rmask, logp=logp, values=values, advantages=advantages,
+                 returns=returns)
     stats = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": score.mean().item(),
              "objective/kl_coef": kl_coef, "env/eos_rate": finished.float().mean().item(),
              "env/length": rmask.sum(-1).float().mean().item(),
@@ -76,21 +84,25 @@ def rollout(policy, ref, critic, rm, codec, prompts, cfg, generator, kl_coef):
 
 
 def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
-    """Step 7: cfg.ppo_epochs epochs over shuffled minibatches of one rollout batch. With torchrun each rank takes
-    its slice of every minibatch; its token-mean losses are weighted by its share of the minibatch's tokens and
-    gradients are summed, which is exactly the whole minibatch's token mean (`share` is 1 on one process)."""
+    """Step 7: cfg.ppo_epochs epochs over shuffled minibatches of one rollout batch. With torchrun
+    each rank takes its slice of every minibatch; its token-mean losses are weighted by its share of
+    the minibatch's tokens and gradients are summed, which is exactly the whole minibatch's token
+    mean (`share` is 1 on one process)."""
     B = batch["r"].shape[0]
     n_steps = cfg.ppo_epochs * math.ceil(B / cfg.minibatch)
     stats = {}
     for _ in range(cfg.ppo_epochs):
-        for idx in torch.randperm(B, generator=generator, device=generator.device).split(cfg.minibatch):
+        for idx in torch.randperm(B, generator=generator,
+                                  device=generator.device).split(cfg.minibatch):
             share = batch["rmask"][dist.shard(idx)].sum() / batch["rmask"][idx].sum()
             mb = {k: v[dist.shard(idx)] for k, v in batch.items()}
-            logp, entropy = sequence_logprobs(policy, mb["p"], mb["pm"], mb["r"], mb["rmask"], cfg.temperature,
-                                              with_entropy=True)
-            pg_loss, pg_stats = ppo.policy_loss(logp, mb["logp"], mb["advantages"], mb["rmask"], cfg.clip)
+            logp, entropy = sequence_logprobs(policy, mb["p"], mb["pm"], mb["r"], mb["rmask"],
+                                              cfg.temperature, with_entropy=True)
+            pg_loss, pg_stats = ppo.policy_loss(logp, mb["logp"], mb["advantages"], mb["rmask"],
+                                                cfg.clip)
             values = critic_values(critic, mb["p"], mb["pm"], mb["r"], mb["rmask"])
-            vf_loss, vf_stats = ppo.value_loss(values, mb["values"], mb["returns"], mb["rmask"], cfg.vf_clip)
+            vf_loss, vf_stats = ppo.value_loss(values, mb["values"], mb["returns"], mb["rmask"],
+                                               cfg.vf_clip)
             check_finite(pg_loss + vf_loss, "PPO", 0)
             for model, opt, loss, what in ((policy, opt_pi, pg_loss, "PPO policy"),
                                            (critic, opt_v, cfg.vf_coef * vf_loss, "PPO critic")):
@@ -99,37 +111,44 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
                 dist.sync_grads(model.parameters())
                 clip_and_check(model.parameters(), cfg.grad_clip, what, 0)
                 opt.step()
-            step_stats = {**pg_stats, **vf_stats, "ppo/loss/policy": pg_loss.item(), "ppo/loss/value": vf_loss.item(),
+            step_stats = {**pg_stats, **vf_stats, "ppo/loss/policy": pg_loss.item(),
+                          "ppo/loss/value": vf_loss.item(),
                           "objective/entropy": ppo.masked_mean(entropy, mb["rmask"]).item()}
-            # token-weighted like the losses, so that summed over ranks they are the minibatch's; the variance-type
-            # statistics (explained variance, ratio variance) are per-rank estimates combined the same way
+            # token-weighted like the losses, so that summed over ranks they are the minibatch's;
+            # the variance-type statistics (explained variance, ratio variance) are per-rank
+            # estimates combined the same way
             for k, v in step_stats.items():
                 stats[k] = stats.get(k, 0.0) + share.item() * v / n_steps
     return {k: dist.all_sum(v) for k, v in stats.items()}
 
 
 def sft_baseline(ref, rm, task, codec, prompts, cfg):
-    """Gold of one SFT sample per eval prompt: the win-rate baseline (fixed seed, so a resumed run gets the same)."""
+    """Gold of one SFT sample per eval prompt: the win-rate baseline (fixed seed, so a resumed
+    run gets the same)."""
     gen = iteration_rng(cfg.seed, -1, codec.device, 1)[1]
     texts = rollout_texts(ref, ref, rm, codec, prompts, cfg.temperature, gen)[0]
     return np.array([task.gold(p, t) for p, t in zip(prompts, texts)])
 
 
-def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt_split="unlabelled"):
-    """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, critic initialised
-    from the RM (an ensemble's first member). Evaluates with the gold judge every cfg.eval_every iterations;
-    checkpoints to out_dir/<name>.pt. Returns (policy, history of evaluation dicts)."""
+def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
+              prompt_split="unlabelled"):
+    """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, critic
+    initialised from the RM (an ensemble's first member). Evaluates with the gold judge every
+    cfg.eval_every iterations; checkpoints to out_dir/<name>.pt. Returns (policy, history of
+    evaluation dicts)."""
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     ref = sft.eval()
     policy = copy.deepcopy(init_policy if init_policy is not None else sft)
     critic = copy.deepcopy(rm.members[0])
     for m in (policy, critic.gpt):
-        m.set_dropout(0.0)  # dropout off in every RL-time model (§1.3), so train/eval mode makes no difference
+        # dropout off in every RL-time model (§1.3), so train/eval mode makes no difference
+        m.set_dropout(0.0)
     opt_pi = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
     opt_v = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
-    kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0
-              else ppo.FixedKLController(cfg.kl_coef))
-    eval_prompts = task.sample_prompts(cfg.eval_prompts, random.Random(cfg.seed + seeds.PPO_EVAL), "eval")
+    kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
+    eval_prompts = task.sample_prompts(cfg.eval_prompts, random.Random(cfg.seed + seeds.PPO_EVAL),
+                                       "eval")
     sft_gold = sft_baseline(ref, rm, task, codec, eval_prompts, cfg) if dist.is_main() else None
     ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
     start, history = 0, []
@@ -141,7 +160,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
         opt_v.load_state_dict(ck["opt_v"])
         kl_ctl.value, start, history = ck["kl_coef"], ck["iter"], ck["history"]
         print(f"resumed {ckpt_path} at iteration {start}")
-    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")  # rows after the checkpoint: replayed
+    # rows after the checkpoint: replayed
+    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")
 
     def do_eval(it):
         if not dist.is_main():  # with torchrun rank 0 judges; the policy is the same on every rank
@@ -150,12 +170,15 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
             ev = evaluate(policy, ref, rm, task, codec, eval_prompts, sft_gold, cfg.temperature,
                           iteration_rng(cfg.seed, it, device, 2)[1])
         samples = ev.pop("samples")
-        history.append({"iter": it, **ev})  # with per-prompt gold: the report compares policies prompt by prompt
+        # with per-prompt gold: the report compares policies prompt by prompt
+        history.append({"iter": it, **ev})
         metrics.log(iter=it, **{k: v for k, v in ev.items() if k != "gold_per_prompt"})
         if it % cfg.sample_every == 0 or it == cfg.iters:
-            print(f"\n--- iteration {it}: gold {ev['eval/gold']:.3f}  proxy {ev['eval/proxy']:.3f}  "
-                  f"KL {ev['eval/kl']:.2f}  win-rate vs SFT {ev['eval/win_rate']:.3f}")
-            print_table([dict(prompt=p, response=y, proxy=float(s), gold=float(g)) for p, y, s, g in samples[:4]],
+            print(f"\n--- iteration {it}: gold {ev['eval/gold']:.3f}  "
+                  f"proxy {ev['eval/proxy']:.3f}  KL {ev['eval/kl']:.2f}  "
+                  f"win-rate vs SFT {ev['eval/win_rate']:.3f}")
+            print_table([dict(prompt=p, response=y, proxy=float(s), gold=float(g))
+                         for p, y, s, g in samples[:4]],
                         ["prompt", "response", "proxy", "gold"])
 
     def evaluated(it):
@@ -170,15 +193,17 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)
         with autocast(cfg, device):
             batch, stats = rollout(policy, ref, critic, rm, codec, prompts, cfg, gen, kl_ctl.value)
-            # the minibatch order has its own generator: how many steps a rank sampled must not change it
+            # the minibatch order has its own generator: how many steps a rank sampled
+            # must not change it
             order = iteration_rng(cfg.seed, it, device, 3)[1]
             stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, order))
         kl_ctl.update(stats["objective/kl"], cfg.rollout_batch)
         metrics.log(iter=it, **stats)
         bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}")
         if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters:
-            atomic_save({"policy": policy.state_dict(), "critic": critic.state_dict(), "opt_pi": opt_pi.state_dict(),
-                         "opt_v": opt_v.state_dict(), "kl_coef": kl_ctl.value, "iter": it + 1,
+            atomic_save({"policy": policy.state_dict(), "critic": critic.state_dict(),
+                         "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
+                         "kl_coef": kl_ctl.value, "iter": it + 1,
                          "history": history, "config": made_with(cfg, "ppo")}, ckpt_path)
     if not evaluated(cfg.iters):
         do_eval(cfg.iters)
@@ -186,9 +211,10 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, prompt
 
 
 def best_of_n_baseline(cfg, source, sft, rm, device):
-    """Best-of-n against the proxy on held-out prompts: the alternative to PPO that spends its KL by selection."""
-    prompts = source.task.sample_prompts(max(8, cfg.eval_prompts // 4), random.Random(cfg.seed + seeds.BEST_OF_N),
-                                         "eval")
+    """Best-of-n against the proxy on held-out prompts: the alternative to PPO that spends
+    its KL by selection."""
+    prompts = source.task.sample_prompts(max(8, cfg.eval_prompts // 4),
+                                         random.Random(cfg.seed + seeds.BEST_OF_N), "eval")
     codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
-    return best_of_n(sft, rm, source.task, codec, prompts, cfg.temperature, iteration_rng(cfg.seed, -2, device)[1],
-                     cfg.bon_max)
+    return best_of_n(sft, rm, source.task, codec, prompts, cfg.temperature,
+                     iteration_rng(cfg.seed, -2, device)[1], cfg.bon_max)

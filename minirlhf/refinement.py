@@ -1,10 +1,10 @@
 """Stage 4: refine the RM on policy samples, then PPO again: RLP and MetaRM (ALGORITHMS.md §2-3).
 
-RLP (one round, RLP Alg. 1): the vanilla PPO policy (out_dir/ppo.pt, trained if missing) -> n samples per
-unlabelled prompt -> an RM retrained from SFT on D plus what the method adds -> normalised -> PPO again from SFT.
-MetaRM: round r samples the latest policy, trains a fresh RM for one epoch on D with meta steps, and continues
-PPO from the previous round's policy for iters // rounds iterations, so the rounds together get vanilla PPO's
-budget.
+RLP (one round, RLP Alg. 1): the vanilla PPO policy (out_dir/ppo.pt, trained if missing) -> n
+samples per unlabelled prompt -> an RM retrained from SFT on D plus what the method
+adds -> normalised -> PPO again from SFT. MetaRM: round r samples the latest policy, trains a fresh
+RM for one epoch on D with meta steps, and continues PPO from the previous round's policy for
+iters // rounds iterations, so the rounds together get vanilla PPO's budget.
 """
 import copy
 import os
@@ -22,7 +22,8 @@ from .evaluate import summarize
 from .metarm import difference_objective, metarm_step
 from .ppo_trainer import train_ppo
 from .rlp import MIBHead, synthetic_preferences, uml_step
-from .rm import bt_step, clean_labelled, gold_labelled, normalize_on, rm_accuracy, score_texts, train_reward_model
+from .rm import (bt_step, clean_labelled, gold_labelled, normalize_on, rm_accuracy, score_texts,
+                 train_reward_model)
 from .runtime import print_table, read_summary, write_summary
 from .sft import sample
 
@@ -38,8 +39,9 @@ class RLPMethod:
     """+ the same policy pairs labelled by the gold labeller: what a perfect SPG would give."""
 
 
-RLP_METHODS = {"uml": RLPMethod(uml=True), "spg": RLPMethod(spg=True), "uml+spg": RLPMethod(uml=True, spg=True),
-               "oracle": RLPMethod(oracle=True), "control": RLPMethod()}
+RLP_METHODS = {"uml": RLPMethod(uml=True), "spg": RLPMethod(spg=True),
+               "uml+spg": RLPMethod(uml=True, spg=True), "oracle": RLPMethod(oracle=True),
+               "control": RLPMethod()}
 META_METHODS = {"metarm", "vanilla-rounds"}  # MetaRM's rounds, and the same rounds with eta = 0
 
 
@@ -58,16 +60,19 @@ def rm_scores(rm, codec, prompts, samples):
 
 
 def policy_pairs(task, prompts, samples):
-    """Clean gold-labelled pairs (prompt, better, worse) of two distinct samples per prompt (gold ties dropped):
-    how well does an RM rank what the policy actually writes?"""
-    firsts = ((p, ys[0], next((y for y in ys[1:] if y != ys[0]), None)) for p, ys in zip(prompts, samples))
+    """Clean gold-labelled pairs (prompt, better, worse) of two distinct samples per prompt
+    (gold ties dropped): how well does an RM rank what the policy actually writes?"""
+    firsts = ((p, ys[0], next((y for y in ys[1:] if y != ys[0]), None))
+              for p, ys in zip(prompts, samples))
     return clean_labelled(task, [(p, a, b) for p, a, b in firsts if b is not None])
 
 
 def vanilla_policy(cfg, source, sft, rm, device):
-    """The vanilla PPO policy pi_theta of out_dir (ppo.pt), trained first if missing or shorter than cfg.iters."""
+    """The vanilla PPO policy pi_theta of out_dir (ppo.pt), trained first if missing or
+    shorter than cfg.iters."""
     path = os.path.join(cfg.out_dir, "ppo.pt")
-    ck = load(path, expect=None if cfg.reuse else made_with(cfg, "ppo")) if os.path.exists(path) else None
+    ck = (load(path, expect=None if cfg.reuse else made_with(cfg, "ppo")) if os.path.exists(path)
+          else None)
     if ck is None or ck["iter"] < cfg.iters:
         policy, history = train_ppo(cfg, source, sft, rm, device)
         write_summary(cfg, "ppo", summarize(history))
@@ -78,13 +83,15 @@ def vanilla_policy(cfg, source, sft, rm, device):
 
 
 def rlp_round(cfg, name, source, sft, rm, prefs, device):
-    """One RLP round (RLP Alg. 1) for the method RLP_METHODS[name]; returns and records its summary."""
+    """One RLP round (RLP Alg. 1) for the method RLP_METHODS[name]; returns and
+    records its summary."""
     method, task = RLP_METHODS[name], source.task
     codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     policy = vanilla_policy(cfg, source, sft, rm, device)
     rng = random.Random(cfg.seed + seeds.RLP_SAMPLES)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
-    samples = policy_samples(policy, codec, prompts, cfg.n_samples, 1.0,  # RLP's P: 10 per prompt at T = 1
+    # RLP's P: 10 per prompt at T = 1
+    samples = policy_samples(policy, codec, prompts, cfg.n_samples, 1.0,
                              torch.Generator(device).manual_seed(cfg.seed + seeds.RLP_SAMPLES))
     pol_pairs = policy_pairs(task, prompts, samples)
     before = {"rm_acc_policy_pairs": rm_accuracy(rm, codec, pol_pairs),
@@ -93,26 +100,30 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
     if method.spg:
         keys = [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
         scores = rm_scores(rm, codec, prompts, samples)
-        synthetic, stats = synthetic_preferences(prompts, samples, keys, scores, cfg.spg_gamma, rng, gold=task.gold,
-                                                 rank_by=cfg.spg_rank)
+        synthetic, stats = synthetic_preferences(prompts, samples, keys, scores, cfg.spg_gamma, rng,
+                                                 gold=task.gold, rank_by=cfg.spg_rank)
         pairs += synthetic  # D union D_hat, no reweighting
     if method.uml:
-        torch.manual_seed(cfg.seed + seeds.RLP_RM)  # the head's init derives from the seed alone, like the RM's
+        # the head's init derives from the seed alone, like the RM's
+        torch.manual_seed(cfg.seed + seeds.RLP_RM)
         aux = MIBHead(sft.cfg.n_embd, cfg.z_dim)
-        step = uml_step(codec, prompts, samples, aux, rng, cfg.uml_lambda, cfg.mib_beta, cfg.grad_clip)
+        step = uml_step(codec, prompts, samples, aux, rng, cfg.uml_lambda, cfg.mib_beta,
+                        cfg.grad_clip)
     if method.oracle:
         firsts = [(p, ys[0], ys[1]) for p, ys in zip(prompts, samples) if ys[0] != ys[1]]
         labelled = gold_labelled(task, firsts, rng, cfg.label_tau, cfg.label_flip)
         pairs += labelled
         stats = {"oracle/pairs": len(labelled)}
-    refined = train_reward_model(sft, pairs, cfg, device, seed=cfg.seed + seeds.RLP_RM, step=step, aux=aux,
-                                 desc=name)
+    refined = train_reward_model(sft, pairs, cfg, device, seed=cfg.seed + seeds.RLP_RM, step=step,
+                                 aux=aux, desc=name)
     normalize_on(refined, codec, prefs["norm_prompts"], prefs["sft_samples"])
     after = {"rm_acc_policy_pairs": rm_accuracy(refined, codec, pol_pairs),
              "held_out_acc_gold": rm_accuracy(refined, codec, prefs["held_clean"])}
-    print(f"{name}: RM accuracy on gold-labelled policy pairs {before['rm_acc_policy_pairs']:.3f} -> "
-          f"{after['rm_acc_policy_pairs']:.3f}; on held-out SFT pairs {before['held_out_acc_gold']:.3f} -> "
-          f"{after['held_out_acc_gold']:.3f}; " + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+    print(f"{name}: RM accuracy on gold-labelled policy pairs "
+          f"{before['rm_acc_policy_pairs']:.3f} -> {after['rm_acc_policy_pairs']:.3f}; "
+          f"on held-out SFT pairs {before['held_out_acc_gold']:.3f} -> "
+          f"{after['held_out_acc_gold']:.3f}; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
     _, history = train_ppo(cfg, source, sft, refined, device, name=f"ppo_{name}")
     result = {"rm_before": before, "rm_after": after, **stats, **summarize(history)}
     write_summary(cfg, f"refine_{name}", result)
@@ -127,8 +138,8 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
 
 
 def meta_rounds(cfg, name, source, sft, prefs, device):
-    """MetaRM's rounds (name 'metarm'), or the same loop without the meta ascent (name 'vanilla-rounds',
-    eta = 0: its control)."""
+    """MetaRM's rounds (name 'metarm'), or the same loop without the meta ascent (name
+    'vanilla-rounds', eta = 0: its control)."""
     eta = cfg.meta_eta if name == "metarm" else 0.0
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     split = "ood" if cfg.ood else "unlabelled"
@@ -136,42 +147,50 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
     for r in range(1, cfg.rounds + 1):
         rng = random.Random(cfg.seed + seeds.META_SAMPLES + r)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, split)
-        S = policy_samples(policy, codec, prompts, cfg.meta_k, cfg.temperature + cfg.meta_temp_delta,
+        S = policy_samples(policy, codec, prompts, cfg.meta_k,
+                           cfg.temperature + cfg.meta_temp_delta,
                            torch.Generator(device).manual_seed(cfg.seed + seeds.META_SAMPLES + r))
-        rm, log = meta_trained_rm(cfg, sft, codec, prefs, prompts, S, eta, rng, cfg.seed + seeds.META_RM + r,
-                                  f"{name} r{r}")
-        rm_row = {"J_policy_samples": difference_objective(torch.tensor(rm_scores(rm, codec, prompts, S))).item(),
+        rm, log = meta_trained_rm(cfg, sft, codec, prefs, prompts, S, eta, rng,
+                                  cfg.seed + seeds.META_RM + r, f"{name} r{r}")
+        rm_row = {"J_policy_samples": difference_objective(
+                      torch.tensor(rm_scores(rm, codec, prompts, S))).item(),
                   "shift_norm": statistics.mean(s["shift_norm"] for s in log),
                   "held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"]),
                   "rm_acc_policy_pairs": rm_accuracy(rm, codec, policy_pairs(task, prompts, S))}
-        # The rounds share vanilla PPO's budget (cfg.iters in all), so round R is compared at equal PPO compute.
-        policy, history = train_ppo(replace(cfg, iters=cfg.iters // cfg.rounds), source, sft, rm, device,
-                                    name=f"{name}_r{r}", init_policy=policy, prompt_split=split)
+        # The rounds share vanilla PPO's budget (cfg.iters in all), so round R is compared at
+        # equal PPO compute.
+        policy, history = train_ppo(replace(cfg, iters=cfg.iters // cfg.rounds), source, sft, rm,
+                                    device, name=f"{name}_r{r}", init_policy=policy,
+                                    prompt_split=split)
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())
-              + f", final gold {history[-1]['eval/gold']:.3f}, win-rate {history[-1]['eval/win_rate']:.3f}")
+              + f", final gold {history[-1]['eval/gold']:.3f}, "
+              f"win-rate {history[-1]['eval/win_rate']:.3f}")
     write_summary(cfg, name + ("_ood" if cfg.ood else ""), {"eta": eta, "rounds": rows})
     print_table([{"round": x["round"], "J": x["J_policy_samples"], "shift": x["shift_norm"],
                   "acc_heldout": x["held_out_acc_gold"], "acc_policy": x["rm_acc_policy_pairs"],
                   "diff_std": x["final"]["eval/proxy_diff_std"], "gold": x["final"]["eval/gold"],
                   "win_rate": x["final"]["eval/win_rate"]} for x in rows],
-                ["round", "J", "shift", "acc_heldout", "acc_policy", "diff_std", "gold", "win_rate"])
+                ["round", "J", "shift", "acc_heldout", "acc_policy", "diff_std", "gold",
+                 "win_rate"])
     return rows
 
 
 def meta_trained_rm(cfg, sft, codec, prefs, prompts, S, eta, rng, seed, desc):
-    """A fresh RM trained for one epoch on D with MetaRM steps on the policy samples S, normalised on SFT
-    samples; returns it and the meta steps' statistics."""
+    """A fresh RM trained for one epoch on D with MetaRM steps on the policy samples S, normalised
+    on SFT samples; returns it and the meta steps' statistics."""
     log = []
-    step = metarm_step(codec, prompts, S, eta, cfg.meta_k, cfg.meta_prompts, cfg.meta_second_order, cfg.grad_clip,
-                       rng, log)
-    rm = train_reward_model(sft, prefs["train"], cfg, codec.device, seed=seed, step=step, epochs=1, desc=desc)
+    step = metarm_step(codec, prompts, S, eta, cfg.meta_k, cfg.meta_prompts, cfg.meta_second_order,
+                       cfg.grad_clip, rng, log)
+    rm = train_reward_model(sft, prefs["train"], cfg, codec.device, seed=seed, step=step, epochs=1,
+                            desc=desc)
     normalize_on(rm, codec, prefs["norm_prompts"], prefs["sft_samples"])
     return rm, log
 
 
 def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0)):
-    """MetaRM's eta at our scale (the paper's 5e-6 barely moves a small model): one round-1 RM per eta."""
+    """MetaRM's eta at our scale (the paper's 5e-6 barely moves a small model): one
+    round-1 RM per eta."""
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     rng = random.Random(cfg.seed + seeds.META_SAMPLES + 1)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
@@ -183,7 +202,8 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
                                   cfg.seed + seeds.META_RM + 1, f"eta={eta}")
         rows.append({"eta": eta, "shift_norm": statistics.mean(s["shift_norm"] for s in log),
                      "J_gain": statistics.mean(s["J_shifted"] - s["J"] for s in log),
-                     "J_policy_samples": difference_objective(torch.tensor(rm_scores(rm, codec, prompts, S))).item(),
+                     "J_policy_samples": difference_objective(
+                         torch.tensor(rm_scores(rm, codec, prompts, S))).item(),
                      "held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"]),
                      "rm_acc_policy_pairs": rm_accuracy(rm, codec, policy_pairs(task, prompts, S))})
     print_table(rows, list(rows[0]))

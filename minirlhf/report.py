@@ -1,4 +1,5 @@
-"""The reproduction report: 95% intervals over seeds, matched-KL interpolation, report.md and the curves."""
+"""The reproduction report: 95% intervals over seeds, matched-KL interpolation,
+report.md and the curves."""
 import csv
 import math
 import os
@@ -8,12 +9,13 @@ from .evaluate import win_tie_lose
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
 
 # two-sided 95% Student-t critical values by degrees of freedom (no scipy dependency)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 def t95(df):
-    """The 0.975 quantile of Student's t with `df` degrees of freedom (the nearest tabulated df at or below)."""
+    """The 0.975 quantile of Student's t with `df` degrees of freedom (the nearest
+    tabulated df at or below)."""
     if df >= 30:
         return 1.96 if df > 120 else _T95[30]
     return _T95[max(k for k in _T95 if k <= df)]
@@ -30,11 +32,12 @@ def mean_ci(values):
 
 
 def gold_at_kl(history, target_kl, key="eval/gold"):
-    """`key` interpolated linearly at the first point where the evaluated KL reaches `target_kl` (evaluations in
-    iteration order); None if the run never got that far from SFT."""
+    """`key` interpolated linearly at the first point where the evaluated KL reaches `target_kl`
+    (evaluations in iteration order); None if the run never got that far from SFT."""
     for a, b in zip(history, history[1:]):
         if a["eval/kl"] <= target_kl <= b["eval/kl"]:
-            w = 0.0 if b["eval/kl"] == a["eval/kl"] else (target_kl - a["eval/kl"]) / (b["eval/kl"] - a["eval/kl"])
+            w = (0.0 if b["eval/kl"] == a["eval/kl"]
+                 else (target_kl - a["eval/kl"]) / (b["eval/kl"] - a["eval/kl"]))
             return a[key] + w * (b[key] - a[key])
     return None
 
@@ -45,13 +48,15 @@ def fmt(mean, half, n, digits=3):
 
 
 def policies(cell, method):
-    """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round (none if not run yet)."""
+    """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round
+    (none if not run yet)."""
     if method == "bon" or not cell:
         return []
     if "rounds" not in cell:
         return [(method, cell)]
     out, curve = [], []
-    for r in cell["rounds"]:  # round r continues round r-1's policy, so its curve continues that line
+    # round r continues round r-1's policy, so its curve continues that line
+    for r in cell["rounds"]:
         start = curve[-1]["iter"] if curve else 0
         curve = curve + [{**p, "iter": start + p["iter"]} for p in r["curve"]]
         out.append((f"{method} r{r['round']}", {**r, "curve": curve}))
@@ -59,7 +64,8 @@ def policies(cell, method):
 
 
 def write_report(cfg, results, methods):
-    """out_dir/<task>/report.md and curves.csv (and curves.png) from results.json's cells of `methods`."""
+    """out_dir/<task>/report.md and curves.csv (and curves.png) from results.json's
+    cells of `methods`."""
     seeds = sorted({k.split("/")[1] for k in results if k.startswith(cfg.task + "/")})
     cell = {(s, m): results.get(f"{cfg.task}/{s}/{m}") for s in seeds for m in methods}
     names = []  # every policy name in report order, and its summaries per seed
@@ -71,20 +77,24 @@ def write_report(cfg, results, methods):
                     names.append(name)
                 per_seed.setdefault(name, {})[s] = summ
     lines = [f"# minirlhf reproduction report: `{cfg.task}`, {len(seeds)} seed(s)", "",
-             f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on {cfg.eval_prompts} held-out "
-             "prompts; win-rate vs SFT counts ties as half. 'final' is the last PPO iteration, 'peak' the best-gold "
-             "evaluation. MetaRM round r continues round r-1's policy: its curve and matched-KL gold cover rounds "
-             "1..r, its peak round r alone.", "",
+             f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on "
+             f"{cfg.eval_prompts} held-out prompts; win-rate vs SFT counts ties as half. "
+             "'final' is the last PPO iteration, 'peak' the best-gold evaluation. MetaRM round r "
+             "continues round r-1's policy: its curve and matched-KL gold cover rounds 1..r, its "
+             "peak round r alone.", "",
              "## Gold win-rate vs SFT and gold reward", "",
-             "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak | KL (final) |",
+             "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak "
+             "| KL (final) |",
              "|---|---|---|---|---|---|"]
 
     def agg(name, get, digits=3):
-        # None: not measured; NaN: nothing to measure (e.g. RM accuracy when every pair of samples is a gold tie)
+        # None: not measured; NaN: nothing to measure (e.g. RM accuracy when every pair of
+        # samples is a gold tie)
         vals = [v for v in map(get, per_seed[name].values()) if v is not None and not math.isnan(v)]
         if not vals:
             return "n/a"
-        return fmt(*mean_ci(vals), len(vals), digits) + (f" (n={len(vals)})" if len(vals) < len(seeds) else "")
+        return (fmt(*mean_ci(vals), len(vals), digits)
+                + (f" (n={len(vals)})" if len(vals) < len(seeds) else ""))
 
     sft_row = {s: summ["sft"] for s, summ in per_seed.get("ppo", {}).items()}
     if sft_row:
@@ -93,56 +103,70 @@ def write_report(cfg, results, methods):
         cols = [lambda x: 100 * x["final"]["eval/win_rate"], lambda x: x["final"]["eval/gold"],
                 lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
                 lambda x: x["final"]["eval/kl"]]
-        lines.append(f"| {name} | " + " | ".join(agg(name, c, 1 if i == 0 else 3) for i, c in enumerate(cols)) + " |")
+        lines.append(f"| {name} | "
+                     + " | ".join(agg(name, c, 1 if i == 0 else 3) for i, c in enumerate(cols))
+                     + " |")
     bon = {s: cell[(s, "bon")] for s in seeds if cell[(s, "bon")]}
     if bon:
-        lines += ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "", "| n | KL | proxy | gold |",
-                  "|---|---|---|---|"]
+        lines += ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "",
+                  "| n | KL | proxy | gold |", "|---|---|---|---|"]
         for i, row in enumerate(next(iter(bon.values()))["curve"]):
             proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
             lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
                          f"{fmt(*mean_ci(gold), len(bon))} |")
-    lines += ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO (per prompt, mean over "
-              "seeds)", "", "| policy | vs SFT | vs vanilla PPO |", "|---|---|---|"]
+    lines += ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO "
+              "(per prompt, mean over seeds)", "", "| policy | vs SFT | vs vanilla PPO |",
+              "|---|---|---|"]
     for name in names:
         vs_sft, vs_ppo = [], []
         for s, x in per_seed[name].items():
             f = x["final"]
             vs_sft.append((f["eval/win"], f["eval/tie"], f["eval/lose"]))
             if "ppo" in per_seed and s in per_seed["ppo"]:
-                w = win_tie_lose(f["gold_per_prompt"], per_seed["ppo"][s]["final"]["gold_per_prompt"])
+                w = win_tie_lose(f["gold_per_prompt"],
+                                 per_seed["ppo"][s]["final"]["gold_per_prompt"])
                 vs_ppo.append((w["win"], w["tie"], w["lose"]))
-        show = lambda t: "/".join(f"{100 * sum(x[i] for x in t) / len(t):.0f}" for i in range(3)) if t else "n/a"
+        show = lambda t: ("/".join(f"{100 * sum(x[i] for x in t) / len(t):.0f}" for i in range(3))
+                          if t else "n/a")
         lines.append(f"| {name} | {show(vs_sft)} | {show(vs_ppo)} |")
     lines += ["", "## Gold at matched KL (interpolated along each run) ", "",
-              "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |", "|---" * (len(MATCHED_KL) + 1) + "|"]
+              "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |",
+              "|---" * (len(MATCHED_KL) + 1) + "|"]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
                                                  for k in MATCHED_KL) + " |")
-    lines += ["", "## Diagnostics (final policy; RM = the one it was trained against, n/a for ensembles)", "",
-              "| policy | RM acc held-out SFT pairs | RM acc policy pairs | proxy-gold corr | reward-diff std | "
-              "SPG acceptance | SPG gold agreement |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Diagnostics (final policy; RM = the one it was trained against, "
+              "n/a for ensembles)", "",
+              "| policy | RM acc held-out SFT pairs | RM acc policy pairs | proxy-gold corr | "
+              "reward-diff std | SPG acceptance | SPG gold agreement |",
+              "|---|---|---|---|---|---|---|"]
     for name in names:
         cols = [lambda x: x.get("rm_after", x).get("held_out_acc_gold"),
-                lambda x: x["final"]["eval/rm_acc_policy_pairs"], lambda x: x["final"]["eval/proxy_gold_corr"],
+                lambda x: x["final"]["eval/rm_acc_policy_pairs"],
+                lambda x: x["final"]["eval/proxy_gold_corr"],
                 lambda x: x["final"]["eval/proxy_diff_std"], lambda x: x.get("spg/acceptance"),
                 lambda x: x.get("spg/gold_agreement")]
         lines.append(f"| {name} | " + " | ".join(agg(name, c) for c in cols) + " |")
-    os.makedirs(os.path.join(cfg.out_dir, cfg.task), exist_ok=True)  # results.json alone regenerates the report
+    # results.json alone regenerates the report
+    os.makedirs(os.path.join(cfg.out_dir, cfg.task), exist_ok=True)
     with open(os.path.join(cfg.out_dir, cfg.task, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     write_curves(cfg, seeds, per_seed, names, bon)
 
 def write_curves(cfg, seeds, per_seed, names, bon):
-    """curves.csv (always) and curves.png (with matplotlib): gold and proxy vs sqrt(KL) per method, and BoN."""
+    """curves.csv (always) and curves.png (with matplotlib): gold and proxy vs sqrt(KL)
+    per method, and BoN."""
     rows = [{"method": name, "seed": s, "iter": p["iter"], "kl": p["eval/kl"],
-             "sqrt_kl": math.sqrt(max(0.0, p["eval/kl"])), "proxy": p["eval/proxy"], "gold": p["eval/gold"]}
+             "sqrt_kl": math.sqrt(max(0.0, p["eval/kl"])), "proxy": p["eval/proxy"],
+             "gold": p["eval/gold"]}
             for name in names for s, x in per_seed[name].items() for p in x["curve"]]
-    rows += [{"method": "best-of-n", "seed": s, "iter": r["n"], "kl": r["kl"], "sqrt_kl": math.sqrt(r["kl"]),
-              "proxy": r["proxy"], "gold": r["gold"]} for s, b in bon.items() for r in b["curve"]]
+    rows += [{"method": "best-of-n", "seed": s, "iter": r["n"], "kl": r["kl"],
+              "sqrt_kl": math.sqrt(r["kl"]), "proxy": r["proxy"], "gold": r["gold"]}
+             for s, b in bon.items() for r in b["curve"]]
     path = os.path.join(cfg.out_dir, cfg.task, "curves.csv")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "seed", "iter", "kl", "sqrt_kl", "proxy", "gold"])
+        w = csv.DictWriter(f, fieldnames=["method", "seed", "iter", "kl", "sqrt_kl", "proxy",
+                                          "gold"])
         w.writeheader()
         w.writerows(rows)
     try:
@@ -154,19 +178,22 @@ def write_curves(cfg, seeds, per_seed, names, bon):
     by_run = {}  # (method, seed) -> its points in evaluation order
     for r in rows:
         by_run.setdefault((r["method"], r["seed"]), []).append(r)
-    # One line per method: the pointwise mean over seeds (every seed evaluates at the same iterations). A MetaRM
-    # run is drawn once, as its last round, whose curve holds the earlier rounds.
+    # One line per method: the pointwise mean over seeds (every seed evaluates at the
+    # same iterations). A MetaRM run is drawn once, as its last round, whose curve holds
+    # the earlier rounds.
     methods = list({name.split(" r")[0]: name for name in names}.values()) + ["best-of-n"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for c, method in enumerate(methods):
         runs = [pts for (m, _), pts in by_run.items() if m == method]
         if not runs:
             continue
-        mean = [{k: sum(run[i][k] for run in runs) / len(runs) for k in ("sqrt_kl", "gold", "proxy")}
+        mean = [{k: sum(run[i][k] for run in runs) / len(runs)
+                 for k in ("sqrt_kl", "gold", "proxy")}
                 for i in range(min(map(len, runs)))]
         for ax, key in zip(axes, ("gold", "proxy")):
-            ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".", lw=1.5, label=method,
-                    color=plt.get_cmap("tab20")(c % 20), ls="--" if method == "best-of-n" else "-")
+            ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".", lw=1.5,
+                    label=method, color=plt.get_cmap("tab20")(c % 20),
+                    ls="--" if method == "best-of-n" else "-")
     for ax, key in zip(axes, ("gold reward", "proxy reward")):
         ax.set_xlabel("sqrt(KL to SFT)")
         ax.set_ylabel(f"{key} (mean over {len(seeds)} seeds)")

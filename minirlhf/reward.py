@@ -1,4 +1,5 @@
-"""Reward modelling: the Bradley-Terry loss, scoring at the last real token, normalisation, and ensembles."""
+"""Reward modelling: the Bradley-Terry loss, scoring at the last real token,
+normalisation, and ensembles."""
 import copy
 
 import torch
@@ -24,9 +25,9 @@ def reward_model_from(sft):
 
 @torch.no_grad()
 def normalize(rm, rewards, scale=True):
-    """Shift (and scale) the head so that `rewards` — the RM's scores of SFT samples — get mean 0 and std 1.
-    Keeps the KL coefficient meaningful across RMs (a method must not win by inflating
-    its scale: ALGORITHMS.md §1.2)."""
+    """Shift (and scale) the head so that `rewards` — the RM's scores of SFT samples — get
+    mean 0 and std 1. Keeps the KL coefficient meaningful across RMs (a method must not win by
+    inflating its scale: ALGORITHMS.md §1.2)."""
     mean, std = rewards.mean(), (rewards.std() if scale else torch.tensor(1.0))
     rm.head.weight.div_(std)
     rm.head.bias.sub_(mean).div_(std)
@@ -34,8 +35,8 @@ def normalize(rm, rewards, scale=True):
 
 
 class Ensemble(torch.nn.Module):
-    """Several RMs scored together (Coste et al.): 'mean' or 'min' (worst case) of their rewards. Scores like a
-    single RM (`score`), so every caller treats the two alike."""
+    """Several RMs scored together (Coste et al.): 'mean' or 'min' (worst case) of their rewards.
+    Scores like a single RM (`score`), so every caller treats the two alike."""
 
     def __init__(self, rms, agg="mean"):
         super().__init__()

@@ -1,7 +1,9 @@
 """RLP: Reward Learning on Policy (Lang, Huang, Li, NAACL 2024). ALGORITHMS.md §2.
 
-RLP-UML: a multi-view information bottleneck on policy samples shapes the RM's backbone (`MIBHead`, `mib_loss`).
-RLP-SPG: synthetic preference pairs from self-consistency of policy samples (`synthetic_preferences`).
+RLP-UML: a multi-view information bottleneck on policy samples shapes the RM's backbone
+(`MIBHead`, `mib_loss`).
+RLP-SPG: synthetic preference pairs from self-consistency of policy samples
+(`synthetic_preferences`).
 """
 import torch
 import torch.nn as nn
@@ -13,8 +15,10 @@ from .runtime import clip_and_check
 
 
 def symmetric_kl(mu1, sigma1, mu2, sigma2):
-    """SKL = 1/2 [KL(p1 || p2) + KL(p2 || p1)] for diagonal Gaussians, closed form, per row. Inputs (B, Z) -> (B,)
-    KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2 / s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2, summed over dims."""
+    """SKL = 1/2 [KL(p1 || p2) + KL(p2 || p1)] for diagonal Gaussians, closed form, per row.
+    Inputs (B, Z) -> (B,)
+    KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2 / s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2,
+    summed over dims."""
     def kl(m1, s1, m2, s2):
         return (torch.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5).sum(-1)
     return 0.5 * (kl(mu1, sigma1, mu2, sigma2) + kl(mu2, sigma2, mu1, sigma1))
@@ -28,13 +32,14 @@ def jsd_mi(t_pos, t_neg):
 
 def _mlp(d_in, d_hidden, d_out):
     """The 3-layer MLP of ALGORITHMS.md §2.1 (d -> d -> d -> out)."""
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_hidden), nn.ReLU(),
-                         nn.Linear(d_hidden, d_out))
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_hidden),
+                         nn.ReLU(), nn.Linear(d_hidden, d_out))
 
 
 class MIBHead(nn.Module):
-    """Gaussian encoder p(z | v) = N(mu(h), sigma(h)^2) of a view's RM feature h, and the MI critic T(z1, z2).
-    Trained jointly with the RM and thrown away afterwards: the reward head never reads z."""
+    """Gaussian encoder p(z | v) = N(mu(h), sigma(h)^2) of a view's RM feature h, and the MI
+    critic T(z1, z2). Trained jointly with the RM and thrown away afterwards: the reward
+    head never reads z."""
 
     def __init__(self, d, z_dim=64):
         super().__init__()
@@ -44,13 +49,15 @@ class MIBHead(nn.Module):
     def encode(self, h):
         mu = self.mu(h)
         sigma = F.softplus(self.sigma(h)) + 1e-7
-        return mu, sigma, mu + sigma * torch.randn_like(mu)  # reparameterisation: z = mu + sigma * eps
+        # reparameterisation: z = mu + sigma * eps
+        return mu, sigma, mu + sigma * torch.randn_like(mu)
 
 
 def mib_loss(head, h1, h2, beta=1.0):
-    """L_M = -I_hat(z1; z2) + beta * SKL(p(z | v1), p(z | v2)) for two views (B, d) of the same B prompts.
-    Negatives: z1 rolled by one position, i.e. paired with another prompt's z2. beta = 0 is the MVI ablation.
-    (beta is our knob: the paper has none; ALGORITHMS.md sets it to 1 by default.)"""
+    """L_M = -I_hat(z1; z2) + beta * SKL(p(z | v1), p(z | v2)) for two views (B, d) of the same
+    B prompts. Negatives: z1 rolled by one position, i.e. paired with another prompt's z2.
+    beta = 0 is the MVI ablation. (beta is our knob: the paper has none; ALGORITHMS.md sets it
+    to 1 by default.)"""
     assert h1.shape[0] >= 2, "the JS estimator needs >= 2 prompts per batch for its negatives"
     mu1, s1, z1 = head.encode(h1)
     mu2, s2, z2 = head.encode(h2)
@@ -61,19 +68,23 @@ def mib_loss(head, h1, h2, beta=1.0):
     return -mi + beta * skl, {"mi": mi.item(), "skl": skl.item()}
 
 
-def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, gold=None, rank_by="cluster"):
-    """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n texts), their semantic keys[i] and current-RM
-    scores rm_scores[i]:
-      1. group samples with equal keys; confidence = |largest group| / n (ties: the group met first);
+def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, gold=None,
+                          rank_by="cluster"):
+    """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n texts), their semantic keys[i]
+    and current-RM scores rm_scores[i]:
+      1. group samples with equal keys; confidence = |largest group| / n
+         (ties: the group met first);
       2. keep the prompt iff confidence >= gamma and some sample lies outside the largest group;
-      3. chosen = the highest-RM sample of the largest group, rejected = uniform among the samples outside it.
-    rank_by="rm" is the ablation that skips clustering: chosen = RM-best, rejected = RM-worst sample.
-    gold(prompt, response), when given, measures how often the synthetic label agrees with the gold judge.
-    Returns ([(prompt, chosen, rejected)], stats)."""
+      3. chosen = the highest-RM sample of the largest group, rejected = uniform among
+         the samples outside it.
+    rank_by="rm" is the ablation that skips clustering: chosen = RM-best, rejected = RM-worst
+    sample. gold(prompt, response), when given, measures how often the synthetic label agrees with
+    the gold judge. Returns ([(prompt, chosen, rejected)], stats)."""
     pairs = []
     for prompt, ys, ks, rs in zip(prompts, samples, keys, rm_scores):
         if rank_by == "rm":
-            best, worst = max(range(len(ys)), key=rs.__getitem__), min(range(len(ys)), key=rs.__getitem__)
+            best, worst = (max(range(len(ys)), key=rs.__getitem__),
+                           min(range(len(ys)), key=rs.__getitem__))
             if ys[best] != ys[worst]:
                 pairs.append((prompt, ys[best], ys[worst]))
             continue
@@ -93,9 +104,10 @@ def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, gold=No
 
 
 def cluster_by_similarity(hidden, threshold=0.9):
-    """Semantic keys for free text (no task key; the paper used NLI entailment, which we do not ship): greedy
-    clustering of one prompt's samples by cosine similarity of the RM's final hidden states (n, C). A sample
-    joins the first cluster whose founding sample is at least `threshold` similar. Returns n cluster ids."""
+    """Semantic keys for free text (no task key; the paper used NLI entailment, which we do not
+    ship): greedy clustering of one prompt's samples by cosine similarity of the RM's final hidden
+    states (n, C). A sample joins the first cluster whose founding sample is at least `threshold`
+    similar. Returns n cluster ids."""
     h = F.normalize(hidden.float(), dim=-1)
     founders, ids = [], []
     for i in range(h.shape[0]):
@@ -109,8 +121,9 @@ def cluster_by_similarity(hidden, threshold=0.9):
 
 
 def uml_step(codec, prompts, samples, head, rng, uml_lambda, mib_beta, grad_clip):
-    """RLP-UML's RM step (RLP Eq. 1): the BT loss on a batch of D plus uml_lambda * L_M on as many view pairs
-    from P (two different samples of one prompt are its two views). `head` is the MIBHead trained beside the RM."""
+    """RLP-UML's RM step (RLP Eq. 1): the BT loss on a batch of D plus uml_lambda * L_M on as many
+    view pairs from P (two different samples of one prompt are its two views). `head` is the MIBHead
+    trained beside the RM."""
     views = [(p, ys) for p, ys in zip(prompts, samples) if len(set(ys)) >= 2]
 
     def step(rm, opt, batch):
@@ -118,7 +131,8 @@ def uml_step(codec, prompts, samples, head, rng, uml_lambda, mib_beta, grad_clip
         loss_r = bt_loss(rc, rr)
         chosen = rng.sample(views, min(len(views), len(batch)))
         v1, v2 = zip(*(rng.sample(sorted(set(ys)), 2) for _, ys in chosen))
-        _, h = rm.score(*codec.batch([p for p, _ in chosen] * 2, list(v1) + list(v2)), return_hidden=True)
+        _, h = rm.score(*codec.batch([p for p, _ in chosen] * 2, list(v1) + list(v2)),
+                        return_hidden=True)
         loss_m, stats = mib_loss(head, *h.chunk(2), beta=mib_beta)
         loss = loss_r + uml_lambda * loss_m
         opt.zero_grad(set_to_none=True)

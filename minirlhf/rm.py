@@ -1,9 +1,11 @@
-"""Stage 2 of RLHF: a proxy reward model from a limited budget of preference pairs (ALGORITHMS.md §1.2).
+"""Stage 2 of RLHF: a proxy reward model from a limited budget of preference pairs
+(ALGORITHMS.md §1.2).
 
-On an embedded task the pairs are two SFT samples per 'pref' prompt, labelled by the simulated annotator (the
-gold reward through a Bradley-Terry labeller); on a file they are the file's own pairs. The RM starts from the SFT
-weights, learns with the Bradley-Terry loss, and is normalised to mean 0 / std 1 on SFT samples. Writes
-out_dir/rm.pt (ensemble members 1.. as rm_1.pt, ...) and preferences.json.
+On an embedded task the pairs are two SFT samples per 'pref' prompt, labelled by the simulated
+annotator (the gold reward through a Bradley-Terry labeller); on a file they are the file's own
+pairs. The RM starts from the SFT weights, learns with the Bradley-Terry loss, and is normalised
+to mean 0 / std 1 on SFT samples. Writes out_dir/rm.pt (ensemble members 1.. as rm_1.pt, ...)
+and preferences.json.
 """
 import json
 import os
@@ -33,7 +35,8 @@ def pair_rewards(rm, codec, prompts, chosen, rejected):
 @torch.no_grad()
 def rm_accuracy(rm, codec, pairs, batch=256):
     """Pairwise accuracy of rm on [(prompt, chosen, rejected)]."""
-    rc, rr = zip(*(pair_rewards(rm, codec, *zip(*pairs[i:i + batch])) for i in range(0, len(pairs), batch)))
+    rc, rr = zip(*(pair_rewards(rm, codec, *zip(*pairs[i:i + batch]))
+                   for i in range(0, len(pairs), batch)))
     return pairwise_accuracy(torch.cat(rc), torch.cat(rr))
 
 
@@ -52,15 +55,16 @@ def normalize_on(rm, codec, prompts, responses):
 def sample_pairs(policy, codec, prompts, temperature, generator, desc="pairs"):
     """Two samples of the policy for each prompt; pairs of identical responses are dropped."""
     a, b = [], []
-    for i in tqdm(range(0, len(prompts), 256), desc=desc, mininterval=1.0, disable=not dist.is_main()):
+    for i in tqdm(range(0, len(prompts), 256), desc=desc, mininterval=1.0,
+                  disable=not dist.is_main()):
         for out in (a, b):
             out += sample(policy, codec, prompts[i:i + 256], temperature, generator)
     return [(p, x, y) for p, x, y in zip(prompts, a, b) if x != y]
 
 
 def gold_labelled(task, pairs, rng, tau, flip, noisy=True):
-    """[(prompt, chosen, rejected)] by the gold labeller (noisy: Bradley-Terry at temperature tau, then flips) or
-    by the sign of the gold difference (clean, ties dropped)."""
+    """[(prompt, chosen, rejected)] by the gold labeller (noisy: Bradley-Terry at temperature tau,
+    then flips) or by the sign of the gold difference (clean, ties dropped)."""
     out = []
     for p, a, b in pairs:
         if noisy:
@@ -80,23 +84,26 @@ def clean_labelled(task, pairs):
 
 
 def preference_data(sft, source, codec, cfg):
-    """Training pairs D, held-out pairs (noisy and clean labels) and the SFT samples used for normalisation."""
+    """Training pairs D, held-out pairs (noisy and clean labels) and the SFT samples used
+    for normalisation."""
     if not source.has_gold:
         held = source.held_out_pairs
         return source.train_pairs, held, [], [c for _, c, _ in source.train_pairs[:512]]
     task, rng = source.task, random.Random(cfg.seed + seeds.PREFERENCES)
     gen = torch.Generator(codec.device).manual_seed(cfg.seed + seeds.PREFERENCES)
-    train = sample_pairs(sft, codec, task.sample_prompts(cfg.rm_pairs, rng, "pref"), cfg.temperature, gen,
-                         desc="sampling preference pairs")
-    held = sample_pairs(sft, codec, task.sample_prompts(max(64, cfg.rm_pairs // 4), rng, "eval"), cfg.temperature,
-                        gen, desc="sampling held-out pairs")
-    label = lambda pairs: gold_labelled(task, pairs, rng, cfg.label_tau, cfg.label_flip)  # noqa: E731
+    train = sample_pairs(sft, codec, task.sample_prompts(cfg.rm_pairs, rng, "pref"),
+                         cfg.temperature, gen, desc="sampling preference pairs")
+    held = sample_pairs(sft, codec, task.sample_prompts(max(64, cfg.rm_pairs // 4), rng, "eval"),
+                        cfg.temperature, gen, desc="sampling held-out pairs")
+
+    def label(pairs):
+        return gold_labelled(task, pairs, rng, cfg.label_tau, cfg.label_flip)
     return label(train), label(held), clean_labelled(task, held), [a for _, a, _ in train]
 
 
 def bt_step(codec, grad_clip):
-    """The plain RM step: Bradley-Terry loss on a batch of labelled pairs (with torchrun: this rank's slice of it,
-    weighted so that the summed gradient is the global batch's)."""
+    """The plain RM step: Bradley-Terry loss on a batch of labelled pairs (with torchrun: this
+    rank's slice of it, weighted so that the summed gradient is the global batch's)."""
     def step(rm, opt, batch):
         local = dist.shard(batch)
         rc, rr = pair_rewards(rm, codec, *zip(*local))
@@ -112,14 +119,16 @@ def bt_step(codec, grad_clip):
 
 
 def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=None, desc="rm"):
-    """A fresh RM from the SFT weights, trained on `pairs` for `epochs`. `step(rm, opt, batch) -> dict` does one
-    update: bt_step, or RLP-UML's and MetaRM's steps. `aux`, a module trained jointly with the RM (RLP-UML's
-    encoder and critic, which its step holds), shares the optimizer and is thrown away afterwards."""
+    """A fresh RM from the SFT weights, trained on `pairs` for `epochs`.
+    `step(rm, opt, batch) -> dict` does one update: bt_step, or RLP-UML's and MetaRM's steps. `aux`,
+    a module trained jointly with the RM (RLP-UML's encoder and critic, which its step holds),
+    shares the optimizer and is thrown away afterwards."""
     torch.manual_seed(seed)
     rm = reward_model_from(sft).to(device)
     rm.gpt.set_dropout(cfg.dropout)
     rm.train()
-    params = list(rm.parameters()) + (list(aux.to(device).train().parameters()) if aux is not None else [])
+    params = list(rm.parameters()) + (list(aux.to(device).train().parameters())
+                                      if aux is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
     rng = random.Random(seed)
     epochs = epochs or cfg.rm_epochs
@@ -146,13 +155,14 @@ def rm_paths(out_dir, members):
 
 
 def train_rm(cfg, source, sft, device):
-    """The proxy RM(s): preference data, Bradley-Terry training, held-out accuracy, normalisation; saved to
-    out_dir. Returns the summary."""
+    """The proxy RM(s): preference data, Bradley-Terry training, held-out accuracy, normalisation;
+    saved to out_dir. Returns the summary."""
     codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     train, held_noisy, held_clean, sft_samples = preference_data(sft, source, codec, cfg)
     norm_prompts = [p for p, _, _ in train][:len(sft_samples)]
-    atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean, norm_prompts=norm_prompts,
-                           sft_samples=sft_samples), os.path.join(cfg.out_dir, "preferences.json"))
+    atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean,
+                           norm_prompts=norm_prompts, sft_samples=sft_samples),
+                      os.path.join(cfg.out_dir, "preferences.json"))
     print(f"RM: {len(train)} training pairs, {len(held_noisy)} held-out pairs")
     metrics, results, rms = Metrics(cfg.out_dir, "rm"), [], []
     for k, path in enumerate(rm_paths(cfg.out_dir, cfg.ensemble)):
@@ -170,14 +180,16 @@ def train_rm(cfg, source, sft, device):
     dist.barrier()  # every rank reads rm.pt next
     summary = {key: statistics.mean(r[key] for r in results) for key in results[0]}
     summary.update(train_pairs=len(train), held_out_pairs=len(held_noisy), members=results)
-    if source.has_gold:  # the shift the project is about: accuracy on a deliberately shifted policy's pairs
+    # the shift the project is about: accuracy on a deliberately shifted policy's pairs
+    if source.has_gold:
         gen = torch.Generator(device).manual_seed(cfg.seed + seeds.SHIFTED)
-        prompts = source.task.sample_prompts(max(64, cfg.rm_pairs // 4), random.Random(cfg.seed + seeds.SHIFTED),
-                                             "eval")
-        hot = clean_labelled(source.task, sample_pairs(sft, codec, prompts, 1.5, gen, desc="sampling shifted pairs"))
+        prompts = source.task.sample_prompts(max(64, cfg.rm_pairs // 4),
+                                             random.Random(cfg.seed + seeds.SHIFTED), "eval")
+        hot = clean_labelled(source.task, sample_pairs(sft, codec, prompts, 1.5, gen,
+                                                       desc="sampling shifted pairs"))
         summary["shifted_acc_gold_T1.5"] = rm_accuracy(combine(rms, cfg.ensemble_agg), codec, hot)
-        print(f"gold-label accuracy on pairs of SFT samples {summary['held_out_acc_gold']:.3f} vs on pairs from a "
-              f"shifted (T=1.5) sampler {summary['shifted_acc_gold_T1.5']:.3f}")
+        print(f"gold-label accuracy on pairs of SFT samples {summary['held_out_acc_gold']:.3f} "
+              f"vs on pairs from a shifted (T=1.5) sampler {summary['shifted_acc_gold_T1.5']:.3f}")
     write_summary(cfg, "rm", summary)
     return summary
 
@@ -188,10 +200,12 @@ def combine(rms, agg):
 
 
 def load_preferences(out_dir):
-    """The preference data D that train_rm used (the refinements retrain on exactly the same pairs)."""
+    """The preference data D that train_rm used (the refinements retrain on
+    exactly the same pairs)."""
     with open(os.path.join(out_dir, "preferences.json")) as f:
         prefs = json.load(f)
-    return {k: [tuple(x) for x in v] if k in ("train", "held_noisy", "held_clean") else v for k, v in prefs.items()}
+    return {k: [tuple(x) for x in v] if k in ("train", "held_noisy", "held_clean") else v
+            for k, v in prefs.items()}
 
 
 def ensure_rm(cfg, source, sft, device):
@@ -200,4 +214,5 @@ def ensure_rm(cfg, source, sft, device):
     if not os.path.exists(paths[-1]):
         train_rm(cfg, source, sft, device)
     expect = None if cfg.reuse else made_with(cfg, "rm")
-    return combine([load_model(p, scalar=True, expect=expect)[0].to(device).eval() for p in paths], cfg.ensemble_agg)
+    return combine([load_model(p, scalar=True, expect=expect)[0].to(device).eval() for p in paths],
+                   cfg.ensemble_agg)

@@ -1,5 +1,5 @@
-"""What every script needs around its loop: its entry point (bad input in one line, Ctrl-C, a lock on out_dir),
-device, seeding, autocast, LR schedule, metrics files, NaN guard."""
+"""What every script needs around its loop: its entry point (bad input in one line, Ctrl-C, a lock
+on out_dir), device, seeding, autocast, LR schedule, metrics files, NaN guard."""
 import contextlib
 import json
 import math
@@ -25,7 +25,8 @@ def setup(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                          else cfg.device)
     dist.init(device)
     return device
 
@@ -46,7 +47,8 @@ def cosine_lr(step, total, peak, warmup):
 
 
 def check_finite(value, what, step, name="loss"):
-    """NaN guard: stop with a message instead of taking a poisoned step or writing a poisoned checkpoint."""
+    """NaN guard: stop with a message instead of taking a poisoned step or writing a
+    poisoned checkpoint."""
     if not torch.isfinite(torch.as_tensor(value)):
         raise FloatingPointError(f"{what}: non-finite {name} {float(value)} at step {step}; "
                                  "the last checkpoint was kept (lower the learning rate?)")
@@ -60,9 +62,10 @@ def clip_and_check(params, max_norm, what, step):
 
 
 def main(run, cls, validate=None, lock=True):
-    """A script's entry point. `--help` lists its options. The whole config is checked (`validate(cfg)`) before
-    any work; a bad option ends in one line on stderr and exit code 2, bad data or a failed run in one line and
-    exit code 1, Ctrl-C in one line and exit code 130 — never a traceback. With `lock`, out_dir has one writer."""
+    """A script's entry point. `--help` lists its options. The whole config is checked
+    (`validate(cfg)`) before any work; a bad option ends in one line on stderr and exit code 2, bad
+    data or a failed run in one line and exit code 1, Ctrl-C in one line and exit code 130 —
+    never a traceback. With `lock`, out_dir has one writer."""
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         print_help(cls, os.path.basename(sys.argv[0]))
@@ -71,7 +74,8 @@ def main(run, cls, validate=None, lock=True):
         cfg = parse_args(argv, cls)
         if validate is not None:
             validate(cfg)
-        with lock_out_dir(cfg.out_dir) if lock and os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        with (lock_out_dir(cfg.out_dir) if lock and os.environ.get("RANK", "0") == "0"
+              else contextlib.nullcontext()):
             run(cfg)
     except UsageError as e:
         fail(e, 2)
@@ -88,8 +92,9 @@ def fail(message, code):
 
 @contextlib.contextmanager
 def lock_out_dir(out_dir):
-    """out_dir/LOCK names the one process writing there; a second writer is refused in one line naming the holder.
-    A lock whose process is gone (killed) is taken over. A folder this run created and left empty is removed."""
+    """out_dir/LOCK names the one process writing there; a second writer is refused in one line
+    naming the holder. A lock whose process is gone (killed) is taken over. A folder this run
+    created and left empty is removed."""
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "LOCK")
@@ -102,8 +107,8 @@ def lock_out_dir(out_dir):
             with open(path) as f:
                 other = f.read().strip()
             if _alive(other):
-                raise UsageError(f"--out_dir={out_dir} is in use by {other} (remove {path} if that process is "
-                                 "gone)") from None
+                raise UsageError(f"--out_dir={out_dir} is in use by {other} "
+                                 f"(remove {path} if that process is gone)") from None
             os.remove(path)  # a stale lock: its process no longer runs
     else:
         raise UsageError(f"--out_dir={out_dir}: could not take {path}")
@@ -118,7 +123,8 @@ def lock_out_dir(out_dir):
 
 
 def _alive(holder):
-    """Whether the process named by a LOCK line ('pid N on HOST: ...') still runs (another host: assume so)."""
+    """Whether the process named by a LOCK line ('pid N on HOST: ...') still runs (another
+    host: assume so)."""
     try:
         pid, host = int(holder.split()[1]), holder.split()[3].rstrip(":")
     except (IndexError, ValueError):
@@ -135,15 +141,17 @@ def _alive(holder):
 
 
 class Metrics:
-    """One metrics file per run, out_dir/metrics.jsonl: a JSON object per line, tagged with its stage ('sft',
-    'rm', 'ppo', 'ppo_uml', ...). A stage that starts fresh drops its own earlier rows; a resumed stage keeps the
-    rows before its checkpoint (`keep_steps`) and replays the rest. Rank 0 only."""
+    """One metrics file per run, out_dir/metrics.jsonl: a JSON object per line, tagged with its
+    stage ('sft', 'rm', 'ppo', 'ppo_uml', ...). A stage that starts fresh drops its own earlier
+    rows; a resumed stage keeps the rows before its checkpoint (`keep_steps`) and replays the
+    rest. Rank 0 only."""
 
     def __init__(self, out_dir, stage, keep_steps=0, step_key="step"):
         os.makedirs(out_dir, exist_ok=True)
         self.path, self.stage = os.path.join(out_dir, "metrics.jsonl"), stage
         if os.path.exists(self.path) and dist.is_main():
-            rows = [r for r in read_jsonl(self.path) if r["stage"] != stage or r.get(step_key, 0) < keep_steps]
+            rows = [r for r in read_jsonl(self.path)
+                    if r["stage"] != stage or r.get(step_key, 0) < keep_steps]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -152,7 +160,8 @@ class Metrics:
             return
         row = {"stage": self.stage, **row}
         with open(self.path, "a") as f:
-            f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}) + "\n")
+            f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v)
+                                for k, v in row.items()}) + "\n")
 
     def rows(self):
         """This stage's rows so far."""
@@ -160,8 +169,8 @@ class Metrics:
 
 
 def read_jsonl(path):
-    """The rows of a JSON-lines file. A torn last line (a run killed mid-write) is dropped with a warning; a bad
-    line elsewhere is an error naming the file and line."""
+    """The rows of a JSON-lines file. A torn last line (a run killed mid-write) is dropped with a
+    warning; a bad line elsewhere is an error naming the file and line."""
     with open(path) as f:
         lines = f.readlines()
     rows = []
@@ -170,7 +179,8 @@ def read_jsonl(path):
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             if lineno == len(lines):
-                print(f"warning: {path}:{lineno}: dropped a torn last line ({e.msg})", file=sys.stderr)
+                print(f"warning: {path}:{lineno}: dropped a torn last line ({e.msg})",
+                      file=sys.stderr)
                 continue
             raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
     return rows
@@ -186,7 +196,8 @@ def read_summary(cfg):
 
 
 def write_summary(cfg, stage, values):
-    """Merge `values` under `stage` into out_dir/summary.json, with the config that produced them."""
+    """Merge `values` under `stage` into out_dir/summary.json, with the config
+    that produced them."""
     summary = read_summary(cfg)
     summary[stage] = {**values, "config": asdict(cfg)}
     atomic_write_json(summary, os.path.join(cfg.out_dir, "summary.json"))
@@ -194,7 +205,8 @@ def write_summary(cfg, stage, values):
 
 def print_table(rows, columns):
     """A plain-text table; rows are dicts, floats printed with 3 decimals."""
-    cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:

@@ -1,7 +1,7 @@
 """Every random stream of a run, named in one place.
 
-A stream's seed derives from the run's --seed alone (plus the step or round where there are many), so a resumed
-run replays exactly and no two stages share draws by accident.
+A stream's seed derives from the run's --seed alone (plus the step or round where there are many),
+so a resumed run replays exactly and no two stages share draws by accident.
 """
 SFT_EVAL = 1  # SFT vs the demonstrator on held-out prompts
 PPO_EVAL = 2  # the held-out prompts of every PPO evaluation
@@ -21,6 +21,6 @@ def step_seed(seed, step):
 
 
 def iteration_seed(seed, it, salt=0):
-    """PPO iteration `it`'s draws; salt separates the streams of one iteration (rollout, baseline, evaluation,
-    minibatch order)."""
+    """PPO iteration `it`'s draws; salt separates the streams of one iteration (rollout, baseline,
+    evaluation, minibatch order)."""
     return (seed * 1_000_003 + it * 7919 + salt) % 2**62

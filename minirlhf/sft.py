@@ -1,7 +1,7 @@
 """Stage 1 of RLHF: supervised fine-tuning on demonstrations (ALGORITHMS.md §1.1).
 
-Next-token loss on the response tokens only (prompt tokens masked), EOS appended to every demonstration.
-Writes out_dir/sft.pt (atomically), tokenizer.json, metrics.jsonl and summary.json.
+Next-token loss on the response tokens only (prompt tokens masked), EOS appended to every
+demonstration. Writes out_dir/sft.pt (atomically), tokenizer.json, metrics.jsonl and summary.json.
 """
 import os
 import random
@@ -16,18 +16,21 @@ from .config import made_with
 from .data import Codec, decode_responses
 from .generate import generate, sequence_logprobs
 from .model import GPT, GPTConfig, load_model, save_model
-from .runtime import Metrics, autocast, check_finite, clip_and_check, cosine_lr, print_table, write_summary
+from .runtime import (Metrics, autocast, check_finite, clip_and_check, cosine_lr, print_table,
+                      write_summary)
 
 
 
 def build_policy(cfg, source):
     return GPT(GPTConfig(vocab_size=source.tokenizer.vocab_size, n_positions=cfg.block_size,
-                         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout))
+                         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         dropout=cfg.dropout))
 
 
 def sft_loss(model, codec, prompts, responses):
-    """(summed negative log-likelihood, number) of the response tokens (EOS included); prompt tokens masked.
-    The caller divides by the token count of the *global* batch (equal to this one on a single process)."""
+    """(summed negative log-likelihood, number) of the response tokens (EOS included); prompt
+    tokens masked. The caller divides by the token count of the *global* batch (equal to this one
+    on a single process)."""
     p, pm, r, r_mask = codec.batch(prompts, responses)
     logp = sequence_logprobs(model, p, pm, r, r_mask)  # (B, N), 0 on padding
     return -logp.sum(), r_mask.sum().item()
@@ -43,14 +46,17 @@ def sample(model, codec, prompts, temperature, generator=None):
 
 
 def train_sft(cfg, source, device):
-    """SFT from scratch (or from out_dir/sft_state.pt with --resume); saves and returns the policy."""
+    """SFT from scratch (or from out_dir/sft_state.pt with --resume); saves and
+    returns the policy."""
     tok = source.tokenizer
     codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
     if dist.is_main():
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
     model = build_policy(cfg, source).to(device)
-    print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, {cfg.sft_steps} steps x {cfg.sft_batch}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, "
+          f"{cfg.sft_steps} steps x {cfg.sft_batch}")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))
     state_path, start = os.path.join(cfg.out_dir, "sft_state.pt"), 0
     if cfg.resume and os.path.exists(state_path):
         state = load(state_path)
@@ -60,12 +66,12 @@ def train_sft(cfg, source, device):
         print(f"resumed {state_path} at step {start}")
     metrics = Metrics(cfg.out_dir, "sft", keep_steps=start)
     model.train()
-    for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start, total=cfg.sft_steps,
-                     disable=not dist.is_main()):
+    for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start,
+                     total=cfg.sft_steps, disable=not dist.is_main()):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, cfg.sft_steps, cfg.sft_lr, cfg.warmup)
-        # each step's data derives from (seed, step) alone, so a resumed run sees exactly the same batches
-        # (with torchrun each rank takes its slice of that global batch)
+        # each step's data derives from (seed, step) alone, so a resumed run sees exactly the same
+        # batches (with torchrun each rank takes its slice of that global batch)
         demos = source.demonstrations(cfg.sft_batch, random.Random(seeds.step_seed(cfg.seed, step)))
         prompts, responses = zip(*dist.shard(demos))
         with autocast(cfg, device):
@@ -79,7 +85,8 @@ def train_sft(cfg, source, device):
         opt.step()
         metrics.log(step=step, loss=dist.all_sum(loss.item()), lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.ckpt_every == 0:
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, state_path)
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
+                        state_path)
     model.eval()
     path = os.path.join(cfg.out_dir, "sft.pt")
     save_model(path, model, source=source.name, config=made_with(cfg, "sft"))
@@ -91,31 +98,36 @@ def train_sft(cfg, source, device):
 
 
 def summarize_sft(cfg, source, model, metrics, device):
-    """summary.json's 'sft' entry: the final loss and, on an embedded task, the SFT policy's gold next to the
-    demonstrator's it imitates, on held-out prompts."""
+    """summary.json's 'sft' entry: the final loss and, on an embedded task, the SFT policy's gold
+    next to the demonstrator's it imitates, on held-out prompts."""
     tok = source.tokenizer
     summary = {"final_loss": metrics.rows()[-1]["loss"], "params": model.num_params()}
     if source.has_gold:
         eval_rng = random.Random(cfg.seed + seeds.SFT_EVAL)
         prompts = source.task.sample_prompts(cfg.eval_prompts, eval_rng, "eval")
-        demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id]) for p in prompts]
+        demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id])
+                 for p in prompts]
         codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
-        samples = sample(model, codec, prompts, cfg.temperature, torch.Generator(device).manual_seed(cfg.seed))
+        samples = sample(model, codec, prompts, cfg.temperature,
+                         torch.Generator(device).manual_seed(cfg.seed))
         gold = [source.task.gold(p, s) for p, s in zip(prompts, samples)]
         summary.update(sft_gold=statistics.mean(gold),
-                       demo_gold=statistics.mean(source.task.gold(p, d) for p, d in zip(prompts, demos)))
-        print(f"gold reward on {len(prompts)} held-out prompts: SFT policy {summary['sft_gold']:.3f}, "
-              f"demonstrator {summary['demo_gold']:.3f}")
-        print_table([dict(prompt=p, response=s, gold=g) for p, s, g in list(zip(prompts, samples, gold))[:6]],
+                       demo_gold=statistics.mean(source.task.gold(p, d)
+                                                 for p, d in zip(prompts, demos)))
+        print(f"gold reward on {len(prompts)} held-out prompts: "
+              f"SFT policy {summary['sft_gold']:.3f}, demonstrator {summary['demo_gold']:.3f}")
+        print_table([dict(prompt=p, response=s, gold=g)
+                     for p, s, g in list(zip(prompts, samples, gold))[:6]],
                     ["prompt", "response", "gold"])
     print(f"SFT final loss {summary['final_loss']:.3f}")
     write_summary(cfg, "sft", summary)
 
 
 def ensure_sft(cfg, source, device):
-    """The SFT policy of out_dir, trained first if sft.pt is missing; one made under other settings is refused
-    unless --reuse=True."""
+    """The SFT policy of out_dir, trained first if sft.pt is missing; one made under other settings
+    is refused unless --reuse=True."""
     path = os.path.join(cfg.out_dir, "sft.pt")
     if not os.path.exists(path):
         return train_sft(cfg, source, device)
-    return load_model(path, expect=None if cfg.reuse else made_with(cfg, "sft"))[0].to(device).eval()
+    return load_model(path,
+                      expect=None if cfg.reuse else made_with(cfg, "sft"))[0].to(device).eval()

@@ -1,4 +1,5 @@
-"""Where training text comes from: an embedded task (with a gold judge) or an HH-RLHF-style file (without)."""
+"""Where training text comes from: an embedded task (with a gold judge) or an
+HH-RLHF-style file (without)."""
 import os
 
 from .data import load_hh_pairs
@@ -21,8 +22,8 @@ class TaskSource:
 
 
 class FileSource:
-    """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are held out and
-    at most `rm_pairs` of the rest train the RM."""
+    """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are
+    held out and at most `rm_pairs` of the rest train the RM."""
     has_gold = False
 
     def __init__(self, cfg):
@@ -31,7 +32,8 @@ class FileSource:
         self.train_pairs, self.held_out_pairs = pairs[:-n_held][:cfg.rm_pairs], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)
         saved = os.path.join(cfg.out_dir, "tokenizer.json")
-        if os.path.exists(saved):  # later stages must reuse the exact vocabulary SFT was trained with
+        # later stages must reuse the exact vocabulary SFT was trained with
+        if os.path.exists(saved):
             self.tokenizer = Tokenizer.load(saved)
         elif cfg.tokenizer:
             self.tokenizer = gpt2_bpe(os.path.join(cfg.tokenizer, "vocab.json"),

@@ -4,12 +4,13 @@ Conventions shared by every task:
 - prompts and responses are text: space-separated words of the task's word-level vocabulary;
 - a response is *finished* iff its text ends with the EOS word `<eos>` (generation stops there);
 - `gold(prompt, response)` is the simulated human: a sum of documented terms (`gold_terms`);
-- `demonstrate(prompt, rng)` is the SFT demonstrator (response without EOS; SFT appends it). It is fluent but
-  mediocre and carries a built-in spurious correlation that a proxy RM trained on few pairs can pick up;
+- `demonstrate(prompt, rng)` is the SFT demonstrator (response without EOS; SFT appends it). It
+  is fluent but mediocre and carries a built-in spurious correlation that a proxy RM trained on
+  few pairs can pick up;
 - `semantic_key(prompt, response)` says when two responses mean the same thing (RLP-SPG's clusters);
-- `sample_prompts(n, rng, split)`: split is 'sft' (anything), 'pref' (preference data), 'unlabelled' (policy
-  samples for RLP/MetaRM), 'eval' (held-out judge prompts) or 'ood' (topics never in the preference data). The
-  first four are disjoint by construction.
+- `sample_prompts(n, rng, split)`: split is 'sft' (anything), 'pref' (preference data), 'unlabelled'
+  (policy samples for RLP/MetaRM), 'eval' (held-out judge prompts) or 'ood' (topics never in the
+  preference data). The first four are disjoint by construction.
 """
 import itertools
 import zlib
@@ -18,13 +19,15 @@ from .tokenizer import EOS, word_tokenizer
 
 
 def _split_of(key):
-    """Stable assignment of a prompt's canonical key to pref (50%) / unlabelled (25%) / eval (25%)."""
+    """Stable assignment of a prompt's canonical key to
+    pref (50%) / unlabelled (25%) / eval (25%)."""
     h = zlib.crc32(repr(key).encode()) % 4
     return "pref" if h < 2 else ("unlabelled" if h == 2 else "eval")
 
 
 def _sentences(words):
-    """Split words at sentence terminators; a trailing unterminated fragment is kept as its own sentence."""
+    """Split words at sentence terminators; a trailing unterminated fragment is kept as
+    its own sentence."""
     out, cur = [], []
     for w in words:
         cur.append(w)
@@ -39,39 +42,44 @@ def _finished(response):
     return bool(words) and words[-1] == EOS, [w for w in words if w != EOS]
 
 
-# =================================================================================================================
+# ==================================================================================================
 class Reviews:
-    """Restaurant reviews. Prompt: `review pizza staff positive :`. Response: short sentences, then EOS.
+    """Restaurant reviews. Prompt: `review pizza staff positive :`. Response: short
+    sentences, then EOS.
 
-    Grammar of a sentence: `the TOPIC VERB [INTENSIFIER] ADJECTIVE (.|!)` with the topic's own verb (was/were), or
-    one of the fixed filler sentences. Anything else is ungrammatical.
+    Grammar of a sentence: `the TOPIC VERB [INTENSIFIER] ADJECTIVE (.|!)` with the topic's own verb
+    (was/were), or one of the fixed filler sentences. Anything else is ungrammatical.
     """
     name = "reviews"
-    TOPICS = {"pizza": "was", "soup": "was", "pasta": "was", "salad": "was", "coffee": "was", "dessert": "was",
-              "staff": "were", "waiters": "were", "prices": "were", "music": "was", "decor": "was",
-              "parking": "was"}
-    OOD_TOPICS = ("music", "decor", "parking")  # never requested in the preference / unlabelled / eval splits
+    TOPICS = {"pizza": "was", "soup": "was", "pasta": "was", "salad": "was", "coffee": "was",
+              "dessert": "was", "staff": "were", "waiters": "were", "prices": "were",
+              "music": "was", "decor": "was", "parking": "was"}
+    # never requested in the preference / unlabelled / eval splits
+    OOD_TOPICS = ("music", "decor", "parking")
     POSITIVE = ("great", "tasty", "lovely", "friendly", "excellent", "fresh", "nice", "perfect")
     NEGATIVE = ("bland", "rude", "awful", "slow", "cold", "terrible", "dirty", "poor")
     INTENSIFIERS = ("very", "really", "so", "super")
     FILLERS = (("we", "went", "on", "sunday", "."), ("we", "went", "with", "friends", "."),
                ("it", "was", "busy", "."), ("we", "had", "a", "table", "outside", "."))
     # gold reward terms (weights); see gold_terms
-    W = dict(cover=1.0, tone_match=0.5, tone_clash=-1.0, off_topic=-0.5, repeat=-1.0, ungrammatical=-1.0,
-             too_long=-0.5, no_eos=-2.0, hype=0.3, hype_spam=-0.3)
+    W = dict(cover=1.0, tone_match=0.5, tone_clash=-1.0, off_topic=-0.5, repeat=-1.0,
+             ungrammatical=-1.0, too_long=-0.5, no_eos=-2.0, hype=0.3, hype_spam=-0.3)
 
     def __init__(self):
-        words = (["review", "positive", "negative", ":", "the", "was", "were", ".", "!"] + list(self.TOPICS)
-                 + list(self.POSITIVE) + list(self.NEGATIVE) + list(self.INTENSIFIERS)
-                 + sorted({w for f in self.FILLERS for w in f}))
+        words = (["review", "positive", "negative", ":", "the", "was", "were", ".", "!"]
+                 + list(self.TOPICS) + list(self.POSITIVE) + list(self.NEGATIVE)
+                 + list(self.INTENSIFIERS) + sorted({w for f in self.FILLERS for w in f}))
         self.tokenizer = word_tokenizer(list(dict.fromkeys(words)))
         id_topics = [t for t in self.TOPICS if t not in self.OOD_TOPICS]
-        keys = [(topics, tone) for k in (2, 3) for topics in itertools.combinations(sorted(id_topics), k)
+        keys = [(topics, tone) for k in (2, 3)
+                for topics in itertools.combinations(sorted(id_topics), k)
                 for tone in ("positive", "negative")]
-        self.keys = {s: [k for k in keys if _split_of(k) == s] for s in ("pref", "unlabelled", "eval")}
+        self.keys = {s: [k for k in keys if _split_of(k) == s]
+                     for s in ("pref", "unlabelled", "eval")}
         self.keys["sft"] = keys + [(topics, tone) for k in (2, 3)
                                    for topics in itertools.combinations(sorted(self.TOPICS), k)
-                                   if set(topics) & set(self.OOD_TOPICS) for tone in ("positive", "negative")]
+                                   if set(topics) & set(self.OOD_TOPICS)
+                                   for tone in ("positive", "negative")]
         self.keys["ood"] = [k for k in self.keys["sft"] if set(k[0]) & set(self.OOD_TOPICS)]
 
     # ---- prompts ----
@@ -89,15 +97,18 @@ class Reviews:
 
     # ---- the demonstrator (SFT data) ----
     def demonstrate(self, prompt, rng):
-        """Fluent but mediocre. Quality q ~ U(0, 1) raises topic coverage and tone accuracy (real quality) *and*
-        the number of filler sentences and hype words (spurious: longer and hypier looks better in this data)."""
+        """Fluent but mediocre. Quality q ~ U(0, 1) raises topic coverage and tone accuracy
+        (real quality) *and* the number of filler sentences and hype words (spurious: longer and
+        hypier looks better in this data)."""
         topics, tone = self.parse_prompt(prompt)
         q = rng.random()
-        good, bad = (self.POSITIVE, self.NEGATIVE) if tone == "positive" else (self.NEGATIVE, self.POSITIVE)
+        good, bad = ((self.POSITIVE, self.NEGATIVE) if tone == "positive"
+                     else (self.NEGATIVE, self.POSITIVE))
         sents = []
         for t in topics:
             if rng.random() < 0.3 + 0.7 * q:
-                sents.append(self._sentence(t, rng.choice(good if rng.random() < 0.6 + 0.4 * q else bad), q, rng))
+                sents.append(self._sentence(
+                    t, rng.choice(good if rng.random() < 0.6 + 0.4 * q else bad), q, rng))
         if rng.random() < 0.3 * (1 - q):  # an off-topic remark
             other = rng.choice([t for t in self.TOPICS if t not in topics])
             sents.append(self._sentence(other, rng.choice(good + bad), q, rng))
@@ -118,13 +129,16 @@ class Reviews:
 
     # ---- the judge ----
     def _parse(self, sentence):
-        """(topic, tone, n_hype) for a grammatical topic sentence, ('filler', None, 0) for a filler, else None."""
+        """(topic, tone, n_hype) for a grammatical topic sentence, ('filler', None, 0) for a
+        filler, else None."""
         if sentence in self.FILLERS:
             return "filler", None, 0
         s = sentence
-        if len(s) in (5, 6) and s[0] == "the" and s[1] in self.TOPICS and s[2] == self.TOPICS[s[1]] \
-                and s[-1] in (".", "!") and (len(s) == 5 or s[3] in self.INTENSIFIERS):
-            tone = "positive" if s[-2] in self.POSITIVE else "negative" if s[-2] in self.NEGATIVE else None
+        if len(s) in (5, 6) and s[0] == "the" and s[1] in self.TOPICS \
+                and s[2] == self.TOPICS[s[1]] and s[-1] in (".", "!") \
+                and (len(s) == 5 or s[3] in self.INTENSIFIERS):
+            tone = ("positive" if s[-2] in self.POSITIVE
+                    else "negative" if s[-2] in self.NEGATIVE else None)
             if tone:
                 return s[1], tone, (len(s) == 6) + (s[-1] == "!")
         return None
@@ -176,15 +190,17 @@ class Reviews:
     def semantic_key(self, prompt, response):
         """The set of (topic, tone) facts stated, ignoring fillers, order, repeats and hype."""
         _, words = _finished(response)
-        return frozenset(p[:2] for p in map(self._parse, _sentences(words)) if p and p[0] != "filler")
+        return frozenset(p[:2] for p in map(self._parse, _sentences(words))
+                         if p and p[0] != "filler")
 
 
-# =================================================================================================================
+# ==================================================================================================
 class Arith:
     """Addition. Prompt: `12 + 7 =`. Response: optional chatter, then the answer, then EOS.
 
-    Chatter sentences: `let me think .`, `A plus B is N .`; the answer sentence: `so the answer is N .` (or a bare
-    `N`). The stated answer is the last number. Chattier demonstrations are more often correct (spurious)."""
+    Chatter sentences: `let me think .`, `A plus B is N .`; the answer sentence:
+    `so the answer is N .` (or a bare `N`). The stated answer is the last number. Chattier
+    demonstrations are more often correct (spurious)."""
     name = "arith"
     MAX_OPERAND, OOD_FROM = 49, 40  # operands >= 40 appear only in the OOD split
     W = dict(correct=1.0, no_answer=-1.0, verbose=-0.02, repeat=-0.5, no_eos=-2.0)
@@ -195,7 +211,8 @@ class Arith:
         self.tokenizer = word_tokenizer(words)
         pairs = list(itertools.product(range(self.MAX_OPERAND + 1), repeat=2))
         in_dist = [p for p in pairs if max(p) < self.OOD_FROM]
-        self.keys = {s: [p for p in in_dist if _split_of(p) == s] for s in ("pref", "unlabelled", "eval")}
+        self.keys = {s: [p for p in in_dist if _split_of(p) == s]
+                     for s in ("pref", "unlabelled", "eval")}
         self.keys["sft"] = pairs
         self.keys["ood"] = [p for p in pairs if max(p) >= self.OOD_FROM]
 
@@ -206,14 +223,17 @@ class Arith:
         a, b = int(prompt.split()[0]), int(prompt.split()[2])
         q = rng.random()
         n_chat = sum(rng.random() < q for _ in range(3))
-        answer = a + b if rng.random() < 0.45 + 0.5 * n_chat / 3 else max(0, a + b + rng.choice((-2, -1, 1, 2)))
-        chat = [["let", "me", "think", "."], [str(a), "plus", str(b), "is", str(answer), "."]][:n_chat]
+        answer = (a + b if rng.random() < 0.45 + 0.5 * n_chat / 3
+                  else max(0, a + b + rng.choice((-2, -1, 1, 2))))
+        chat = [["let", "me", "think", "."],
+                [str(a), "plus", str(b), "is", str(answer), "."]][:n_chat]
         final = ["so", "the", "answer", "is", str(answer), "."] if n_chat else [str(answer)]
         return " ".join(w for s in chat + [final] for w in s)
 
     def gold_terms(self, prompt, response):
         """correct +1.0 if the last number stated equals a + b; no_answer -1.0 if no number at all;
-        verbose -0.02 per word beyond the bare answer; repeat -0.5 per repeated sentence; no_eos -2.0."""
+        verbose -0.02 per word beyond the bare answer; repeat -0.5 per repeated
+        sentence; no_eos -2.0."""
         a, b = int(prompt.split()[0]), int(prompt.split()[2])
         finished, words = _finished(response)
         numbers = [w for w in words if w.isdigit()]

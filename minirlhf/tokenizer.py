@@ -1,7 +1,8 @@
-"""Tokenizers built with the `tokenizers` library: word-level for the embedded tasks, byte-level BPE for text.
+"""Tokenizers built with the `tokenizers` library: word-level for the embedded tasks,
+byte-level BPE for text.
 
-Every tokenizer has dedicated PAD, BOS and EOS tokens (PAD != EOS: padding must never look like a finished
-response). `Tokenizer` is a thin wrapper that knows their ids.
+Every tokenizer has dedicated PAD, BOS and EOS tokens (PAD != EOS: padding must never look like a
+finished response). `Tokenizer` is a thin wrapper that knows their ids.
 """
 import json
 
@@ -24,7 +25,8 @@ class Tokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
-        """Decode keeping EOS (a response is finished iff its text ends with the EOS word) and dropping PAD."""
+        """Decode keeping EOS (a response is finished iff its text ends with the EOS word)
+        and dropping PAD."""
         return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=False)
 
     def save(self, path):
@@ -63,9 +65,11 @@ def train_bpe(texts, vocab_size=4096):
 
 
 def gpt2_bpe(vocab_json, merges_txt):
-    """GPT-2's byte-level BPE from its vocab.json / merges.txt; our specials are appended after its 50257 ids."""
+    """GPT-2's byte-level BPE from its vocab.json / merges.txt; our specials are appended
+    after its 50257 ids."""
     with open(vocab_json) as f:
         vocab = json.load(f)
     with open(merges_txt) as f:
-        merges = [tuple(line.split()) for line in f.read().splitlines()[1:] if line.strip()]  # line 0: #version
+        merges = [tuple(line.split()) for line in f.read().splitlines()[1:]  # line 0: #version
+                  if line.strip()]
     return _byte_level(HFTokenizer(models.BPE(vocab, merges)))

@@ -1,4 +1,5 @@
-"""Every option checked before any work starts: a bad one is a UsageError naming it (exit code 2, in seconds)."""
+"""Every option checked before any work starts: a bad one is a UsageError naming it (exit
+code 2, in seconds)."""
 import os
 from dataclasses import fields
 
@@ -9,9 +10,9 @@ from .tasks import TASKS
 
 
 def validate(cfg, methods=None, rl=False):
-    """Check the ranges, divisibility, lengths against the context, the device, the task, `methods` (the values
-    --method may take in this script) and the files a config names. `rl`: the script runs RL stages, which need
-    an embedded task's gold judge."""
+    """Check the ranges, divisibility, lengths against the context, the device, the task, `methods`
+    (the values --method may take in this script) and the files a config names. `rl`: the script
+    runs RL stages, which need an embedded task's gold judge."""
     names = {f.name for f in fields(cfg)}
 
     def need(ok, option, why):
@@ -19,7 +20,8 @@ def validate(cfg, methods=None, rl=False):
             raise UsageError(f"--{option}={getattr(cfg, option)!r}: {why}")
 
     need(cfg.out_dir.strip() != "", "out_dir", "must name a folder")
-    need(not os.path.exists(cfg.out_dir) or os.path.isdir(cfg.out_dir), "out_dir", "exists and is not a folder")
+    need(not os.path.exists(cfg.out_dir) or os.path.isdir(cfg.out_dir), "out_dir",
+         "exists and is not a folder")
     need(cfg.task in TASKS, "task", f"expected one of {sorted(TASKS)}")
     need(cfg.preset in PRESETS, "preset", f"expected one of {sorted(PRESETS)}")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device",
@@ -29,14 +31,15 @@ def validate(cfg, methods=None, rl=False):
     need(cfg.threads >= 0, "threads", "must be >= 0")
     if methods is not None:
         need(cfg.method in methods, "method", f"expected one of {', '.join(methods)}")
-    for option in ("n_layer", "n_head", "n_embd", "block_size", "max_new_tokens", "eval_prompts", "ckpt_every",
-                   "sft_steps", "sft_batch", "rm_pairs", "rm_epochs", "rm_batch", "ensemble", "bpe_vocab", "iters",
-                   "rollout_batch", "minibatch", "ppo_epochs", "eval_every", "sample_every", "bon_max",
-                   "refine_prompts", "rounds", "meta_k", "meta_prompts", "seeds", "z_dim"):
+    for option in ("n_layer", "n_head", "n_embd", "block_size", "max_new_tokens", "eval_prompts",
+                   "ckpt_every", "sft_steps", "sft_batch", "rm_pairs", "rm_epochs", "rm_batch",
+                   "ensemble", "bpe_vocab", "iters", "rollout_batch", "minibatch", "ppo_epochs",
+                   "eval_every", "sample_every", "bon_max", "refine_prompts", "rounds", "meta_k",
+                   "meta_prompts", "seeds", "z_dim"):
         need(getattr(cfg, option, 1) >= 1, option, "must be >= 1")
-    for option in ("first_seed", "warmup", "weight_decay", "kl_coef", "kl_target", "vf_coef", "uml_lambda",
-                   "mib_beta", "spg_gamma", "meta_eta", "meta_temp_delta", "sft_lr", "rm_lr", "ppo_lr",
-                   "critic_lr"):
+    for option in ("first_seed", "warmup", "weight_decay", "kl_coef", "kl_target", "vf_coef",
+                   "uml_lambda", "mib_beta", "spg_gamma", "meta_eta", "meta_temp_delta", "sft_lr",
+                   "rm_lr", "ppo_lr", "critic_lr"):
         need(getattr(cfg, option, 0) >= 0, option, "must be >= 0")
     for option in ("temperature", "label_tau", "grad_clip", "clip", "vf_clip", "kl_horizon"):
         need(getattr(cfg, option, 1) > 0, option, "must be > 0")
@@ -46,7 +49,8 @@ def validate(cfg, methods=None, rl=False):
     need(0 <= getattr(cfg, "lam", 1) <= 1, "lam", "must be in [0, 1]")
     need(cfg.n_embd % cfg.n_head == 0, "n_head", f"must divide --n_embd={cfg.n_embd}")
     need(cfg.max_new_tokens <= cfg.block_size - 2, "max_new_tokens",
-         f"leaves no room for a prompt in --block_size={cfg.block_size} (at most {cfg.block_size - 2})")
+         f"leaves no room for a prompt in --block_size={cfg.block_size} "
+         f"(at most {cfg.block_size - 2})")
     need(getattr(cfg, "minibatch", 0) <= getattr(cfg, "rollout_batch", 1), "minibatch",
          f"must be <= --rollout_batch={getattr(cfg, 'rollout_batch', '')}")
     need(getattr(cfg, "iters", 1) >= getattr(cfg, "rounds", 1), "iters",
@@ -55,12 +59,15 @@ def validate(cfg, methods=None, rl=False):
     need(bon & (bon - 1) == 0, "bon_max", "must be a power of 2")
     need(cfg.ensemble_agg in ("mean", "min") if "ensemble_agg" in names else True, "ensemble_agg",
          "expected 'mean' or 'min'")
-    need(getattr(cfg, "spg_rank", "cluster") in ("cluster", "rm"), "spg_rank", "expected 'cluster' or 'rm'")
-    need(not cfg.resume or os.path.isdir(cfg.out_dir), "resume", f"--out_dir={cfg.out_dir} does not exist")
-    need(not (rl and cfg.data), "data", "RL stages need an embedded task with a gold judge (--data is for "
-         "train_sft.py and train_rm.py)")
+    need(getattr(cfg, "spg_rank", "cluster") in ("cluster", "rm"), "spg_rank",
+         "expected 'cluster' or 'rm'")
+    need(not cfg.resume or os.path.isdir(cfg.out_dir), "resume",
+         f"--out_dir={cfg.out_dir} does not exist")
+    need(not (rl and cfg.data), "data", "RL stages need an embedded task with a gold judge "
+         "(--data is for train_sft.py and train_rm.py)")
     if cfg.data:
-        need(os.path.isfile(cfg.data), "data", "no such file" if not os.path.exists(cfg.data) else "not a file")
+        need(os.path.isfile(cfg.data), "data",
+             "no such file" if not os.path.exists(cfg.data) else "not a file")
     if cfg.tokenizer:
         for name in ("vocab.json", "merges.txt"):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")
