@@ -1,13 +1,20 @@
 """Benchmarks: generation, a PPO iteration, SFT/RM training throughput and MFU, peak memory
-(minirlhf/benchmark.py).
+(minirlhf/benchmark.py); side by side with TRL and HF generate (minirlhf/benchmark_peers.py).
 
     python bench.py                      # CPU or GPU, whichever is there; ~2-3 min on 2 CPU cores
     python bench.py --sizes=default      # only the default-preset model
+    python bench.py --only=ppo --n_layer=4 --n_embd=128 --n_head=4 --vocab=256 --batch=64 \\
+        --prompt_len=16 --new_tokens=48 --threads=1 --json        # TRL's PPO iteration, one JSON line
+    python bench.py --only=generate --weights=DIR --new_tokens=48 --threads=1 --json
 """
+import json
+import os
+
 import torch
 
 from minirlhf.benchmark import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
                                 peak_memory)
+from minirlhf.benchmark_peers import bench_generate_peer, bench_ppo_peer
 from minirlhf.config import BenchConfig, UsageError
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import main, print_table
@@ -15,9 +22,13 @@ from minirlhf.validate import validate
 
 
 def run(cfg):
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.only:
+        result = (bench_ppo_peer if cfg.only == "ppo" else bench_generate_peer)(cfg)
+        print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     gen_rows, train_rows = [], []
     peak = peak_flops(device)
@@ -33,7 +44,7 @@ def run(cfg):
     print_table(gen_rows, ["size", "generator", "batch", "new_tokens", "tokens/s", "ours_speedup"])
     print("\n== training throughput ==")
     print_table(train_rows, ["size", "stage", "batch x T", "tokens/s", "MFU"])
-    print("\n== one PPO iteration, default preset ==")
+    print(f"\n== one PPO iteration ({cfg.preset} preset's shapes) ==")
     print_table(bench_ppo(device, cfg), ["part", "seconds"])
     print(f"\npeak memory: {peak_memory(device)}")
 
@@ -42,8 +53,15 @@ def check(cfg):
     validate(cfg)
     unknown = [s for s in cfg.sizes.split(",") if s not in SIZES]
     if unknown:
-        raise UsageError(f"--sizes={cfg.sizes!r}: unknown size {unknown[0]!r}, "
-                         f"expected a comma-separated list of {', '.join(SIZES)}")
+        raise UsageError(f"--sizes={cfg.sizes!r}: unknown size {unknown[0]!r}, expected a "
+                         f"comma-separated list of {', '.join(SIZES)}")
+    if cfg.only not in ("", "ppo", "generate"):
+        raise UsageError(f"--only={cfg.only!r}: expected 'ppo' or 'generate'")
+    if cfg.only == "ppo" and cfg.batch % 4:
+        raise UsageError(f"--batch={cfg.batch}: must be a multiple of 4 (4 minibatches)")
+    if cfg.only == "generate" and not os.path.isfile(os.path.join(cfg.weights, "prompts.pt")):
+        raise UsageError(f"--weights={cfg.weights!r}: no prompts.pt there (write it with "
+                         "hf_generate.py --save_dir DIR)")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import Codec, encode_prompts
+from .data import encode_prompts
 from .generate import generate, generate_no_cache, left_pad
 from .model import GPT, GPTConfig, ScalarModel
+from .runtime import adamw
 from .ppo_trainer import ppo_update, rollout
 from .tasks import get_task
 
@@ -124,7 +125,7 @@ def bench_training(name, spec, device, peak):
            else torch.autocast("cpu", enabled=False))
     out = []
     for kind, net in (("SFT", model), ("RM", ScalarModel(model).to(device))):
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        opt = adamw(net.parameters(), lr=1e-4)
 
         def step():
             with amp:
@@ -155,16 +156,16 @@ def bench_ppo(device, cfg):
     policy, rm = GPT(sft.cfg).to(device), ScalarModel(sft).to(device).eval()
     policy.load_state_dict(sft.state_dict())
     critic = ScalarModel(GPT(sft.cfg)).to(device)
-    opt_pi, opt_v = (torch.optim.AdamW(policy.parameters(), lr=1e-5),
-                     torch.optim.AdamW(critic.parameters(), lr=1e-5))
+    opt_pi, opt_v = (adamw(policy.parameters(), lr=1e-5),
+                     adamw(critic.parameters(), lr=1e-5))
     prompts = task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
     p, pm = encode_prompts(tok, prompts, device)
     gen = torch.Generator(device).manual_seed(0)
     t_gen = timed(lambda: generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
                                    generator=gen), device)
-    codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
-    t_roll = timed(lambda: rollout(policy, sft, critic, rm, codec, prompts, cfg, gen, 0.01), device)
-    batch, _ = rollout(policy, sft, critic, rm, codec, prompts, cfg, gen, 0.01)
+    roll = (policy, sft, critic, rm, p, pm, tok.eos_id, tok.pad_id, cfg, gen, 0.01)
+    t_roll = timed(lambda: rollout(*roll), device)
+    batch, _ = rollout(*roll)
     t_upd = timed(lambda: ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, gen), device,
                   repeat=1)
     return [{"part": "rollout: generation", "seconds": t_gen},

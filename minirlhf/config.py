@@ -200,8 +200,26 @@ class Report:
 @dataclass
 class Bench:
     sizes: str = "default,gpt2-small"
-    """bench.py: comma-separated model sizes to time: 'default' (the default preset's
-    model), 'gpt2-small'."""
+    """The default table's model sizes, comma-separated: 'default' (the default preset's model),
+    'gpt2-small'."""
+    only: str = ""
+    """'' (the default table), 'ppo' or 'generate': one JSON line comparable with ../shared/peers'
+    TRL PPO and HF generate scripts."""
+    vocab: int = 256
+    """--only=ppo: vocabulary of the random-weight GPT-2 (--n_layer, --n_embd, --n_head size it)."""
+    batch: int = 64
+    """--only=ppo: prompts per iteration (minibatch: a quarter of them)."""
+    prompt_len: int = 16
+    """--only=ppo: prompt length (random tokens, no padding)."""
+    new_tokens: int = 48
+    """--only=ppo and generate: tokens sampled per row (no stop)."""
+    reps: int = 3
+    """--only=ppo: timed iterations; --only=generate: timed calls (each after one untimed)."""
+    weights: str = ""
+    """--only=generate: the folder `hf_generate.py --save_dir DIR` wrote (GPT-2 weights and
+    prompts.pt)."""
+    json: bool = False
+    """--only: print only the JSON line (the progress of the run goes nowhere)."""
 
 
 # ---- one config per script: its own group first, then the stages it runs first when their
@@ -331,6 +349,8 @@ def parse_args(argv=None, cls=PPOConfig):
     types = {f.name: f.type for f in fields(cls)}
     overrides = {}
     for arg in argv:
+        if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) is bool:
+            arg += "=True"  # a bare boolean flag: --json
         if not arg.startswith("--") or "=" not in arg:
             raise UsageError(f"argument {arg!r} is not of the form --key=value (see --help)")
         key, raw = arg[2:].split("=", 1)

@@ -63,8 +63,9 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # (B, 1) position id of each row's last prompt token
     pos = prompt_mask.long().sum(-1, keepdim=True) - 1
-    logits = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0),
-                   cache=cache)[:, -1]
+    h = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0), cache=cache,
+              return_hidden=True)[:, -1]
+    logits = model.lm_head(h)  # the head on the last prompt position only: the next token's logits
     ones = torch.ones((B, 1), dtype=torch.long, device=device)
     n = max_new_tokens
     for t in range(max_new_tokens):
@@ -109,13 +110,14 @@ def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperatu
     ids = torch.cat([prompt, response], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     P = prompt.shape[1]
-    # (B, N, V): logits that predicted each token
-    logits = model(ids, mask)[:, P - 1:-1].float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, response[..., None]).squeeze(-1) * resp_mask
+    # the LM head only where a log-prob is read: the states that predict each response token
+    h = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N, C)
+    logits = model.lm_head(h).float() / temperature  # (B, N, V)
+    lse = logits.logsumexp(-1)  # (B, N)
+    logp = (logits.gather(-1, response[..., None]).squeeze(-1) - lse) * resp_mask
     if not with_entropy:
         return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1) * resp_mask
+    entropy = (lse - (logits.softmax(-1) * logits).sum(-1)) * resp_mask  # H = lse - E_p[logit]
     return logp, entropy
 
 

@@ -26,7 +26,7 @@ from .config import made_with
 from .data import Codec
 from .evaluate import best_of_n, evaluate, rollout_texts
 from .generate import generate, sequence_logprobs
-from .runtime import Metrics, autocast, check_finite, clip_and_check, print_table
+from .runtime import Metrics, adamw, autocast, check_finite, clip_and_check, print_table
 
 
 def iteration_rng(seed, it, device, salt=0):
@@ -44,21 +44,20 @@ def critic_values(critic, prompt, prompt_mask, response, resp_mask):
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, rm, codec, prompts, cfg, generator, kl_coef):
-    """Steps 1-6: sample, score, and turn the batch into advantages and returns
-    (all PPO's epochs need). With torchrun, each rank samples and scores its slice of the prompts;
-    `dist.gather_rows` then gives every rank the whole batch, so GAE, whitening and the update read
-    as single-process code."""
-    tok = codec.tok
-    p, pm = (dist.shard(t) for t in codec.prompts(prompts))
-    first = dist.shard_bounds(len(prompts))[0]
+def rollout(policy, ref, critic, rm, prompt, prompt_mask, eos_id, pad_id, cfg, generator,
+            kl_coef):
+    """Steps 1-6 for a batch of encoded prompts (B, P): sample, score, and turn the batch into
+    advantages and returns (all PPO's epochs need). With torchrun, each rank samples and scores its
+    slice of the prompts; `dist.gather_rows` then gives every rank the whole batch, so GAE,
+    whitening and the update read as single-process code."""
+    p, pm = dist.shard(prompt), dist.shard(prompt_mask)
+    first = dist.shard_bounds(prompt.shape[0])[0]
     # 1. sample: pure sampling at T (§1.3)
-    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, eos_id, pad_id,
                            temperature=cfg.temperature, generator=generator,
-                           rows=(first, len(prompts)))
+                           rows=(first, prompt.shape[0]))
     N = dist.all_max(r.shape[1])  # every rank pads its responses to the widest rank's
-    r, rmask = (F.pad(r, (0, N - r.shape[1]), value=tok.pad_id),
-                F.pad(rmask, (0, N - rmask.shape[1])))
+    r, rmask = F.pad(r, (0, N - r.shape[1]), value=pad_id), F.pad(rmask, (0, N - rmask.shape[1]))
     # 2. old log-probs by the same forward the update uses, so the ratio is exactly 1 before
     # the first step (§1.3)
     logp = sequence_logprobs(policy, p, pm, r, rmask, cfg.temperature)
@@ -66,7 +65,7 @@ def rollout(policy, ref, critic, rm, codec, prompts, cfg, generator, kl_coef):
     ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)
     values = critic_values(critic, p, pm, r, rmask)
     # 3. score; a response cut off before EOS gets the no-EOS penalty instead (§1.3)
-    finished = (r == tok.eos_id).any(-1)
+    finished = (r == eos_id).any(-1)
     score = ppo.sequence_reward(rm.score(p, pm, r, rmask).float(), finished, cfg.no_eos_penalty)
     p, pm, r, rmask, logp, ref_logp, values, score, finished = dist.gather_rows(
         p, pm, r, rmask, logp, ref_logp, values, score, finished)
@@ -143,8 +142,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     for m in (policy, critic.gpt):
         # dropout off in every RL-time model (§1.3), so train/eval mode makes no difference
         m.set_dropout(0.0)
-    opt_pi = torch.optim.AdamW(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
-    opt_v = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
+    opt_pi = adamw(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
+    opt_v = adamw(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
     eval_prompts = task.sample_prompts(cfg.eval_prompts, random.Random(cfg.seed + seeds.PPO_EVAL),
@@ -191,8 +190,10 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
             do_eval(it)
         rng, gen = iteration_rng(cfg.seed, it, device)
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)
+        prompt, prompt_mask = codec.prompts(prompts)
         with autocast(cfg, device):
-            batch, stats = rollout(policy, ref, critic, rm, codec, prompts, cfg, gen, kl_ctl.value)
+            batch, stats = rollout(policy, ref, critic, rm, prompt, prompt_mask, codec.tok.eos_id,
+                                   codec.tok.pad_id, cfg, gen, kl_ctl.value)
             # the minibatch order has its own generator: how many steps a rank sampled
             # must not change it
             order = iteration_rng(cfg.seed, it, device, 3)[1]

@@ -21,7 +21,8 @@ from .model import load_model, save_model
 from .config import made_with
 from .data import Codec, gold_label
 from .reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from
-from .runtime import Metrics, autocast, check_finite, clip_and_check, cosine_lr, write_summary
+from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
+                      write_summary)
 from .sft import sample
 
 
@@ -129,7 +130,7 @@ def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=Non
     rm.train()
     params = list(rm.parameters()) + (list(aux.to(device).train().parameters())
                                       if aux is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
     rng = random.Random(seed)
     epochs = epochs or cfg.rm_epochs
     steps_per_epoch = max(1, len(pairs) // cfg.rm_batch)

@@ -16,8 +16,8 @@ from .config import made_with
 from .data import Codec, decode_responses
 from .generate import generate, sequence_logprobs
 from .model import GPT, GPTConfig, load_model, save_model
-from .runtime import (Metrics, autocast, check_finite, clip_and_check, cosine_lr, print_table,
-                      write_summary)
+from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
+                      print_table, write_summary)
 
 
 
@@ -55,7 +55,7 @@ def train_sft(cfg, source, device):
     model = build_policy(cfg, source).to(device)
     print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, "
           f"{cfg.sft_steps} steps x {cfg.sft_batch}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
+    opt = adamw(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
     state_path, start = os.path.join(cfg.out_dir, "sft_state.pt"), 0
     if cfg.resume and os.path.exists(state_path):

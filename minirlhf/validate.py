@@ -35,7 +35,8 @@ def validate(cfg, methods=None, rl=False):
                    "ckpt_every", "sft_steps", "sft_batch", "rm_pairs", "rm_epochs", "rm_batch",
                    "ensemble", "bpe_vocab", "iters", "rollout_batch", "minibatch", "ppo_epochs",
                    "eval_every", "sample_every", "bon_max", "refine_prompts", "rounds", "meta_k",
-                   "meta_prompts", "seeds", "z_dim"):
+                   "meta_prompts", "seeds", "z_dim", "vocab", "batch", "prompt_len", "new_tokens",
+                   "reps"):
         need(getattr(cfg, option, 1) >= 1, option, "must be >= 1")
     for option in ("first_seed", "warmup", "weight_decay", "kl_coef", "kl_target", "vf_coef",
                    "uml_lambda", "mib_beta", "spg_gamma", "meta_eta", "meta_temp_delta", "sft_lr",

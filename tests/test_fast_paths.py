@@ -45,3 +45,39 @@ def test_hugging_face_generate_agrees_when_installed():
                              do_sample=False, pad_token_id=0, eos_token_id=None)[:, prompt.shape[1]:]
     assert torch.equal(theirs, generate(model, prompt, pm, 10, eos_id=-1, pad_id=0, greedy=True,
                                         stop_early=False)[0])
+
+
+def test_logprobs_with_the_head_on_response_positions_only_equal_the_full_logits_path():
+    model, prompt, pm = model_and_prompts()
+    response = torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0], [8, 9, 10, 11]])
+    rmask = (response != 0).long()
+    logp, entropy = sequence_logprobs(model, prompt, pm, response, rmask, temperature=0.7, with_entropy=True)
+    # the plain path: logits at every position, a full log-softmax, then the response's slice
+    full = torch.log_softmax(model(torch.cat([prompt, response], 1), torch.cat([pm, rmask], 1)) / 0.7, -1)
+    full = full[:, prompt.shape[1] - 1:-1]
+    plain = full.gather(-1, response[..., None]).squeeze(-1) * rmask
+    assert torch.allclose(logp, plain, atol=1e-5, rtol=0)
+    assert torch.allclose(entropy, -(full.exp() * full).sum(-1) * rmask, atol=1e-5, rtol=0)
+    assert torch.equal(logp, sequence_logprobs(model, prompt, pm, response, rmask, 0.7))  # one formula
+
+
+def test_one_ppo_update_with_fused_adamw_equals_the_per_tensor_loop():
+    import copy
+    from dataclasses import replace
+    from minirlhf.config import PPOConfig
+    from minirlhf.model import ScalarModel
+    from minirlhf.ppo_trainer import ppo_update, rollout
+    from minirlhf.runtime import adamw
+    model, prompt, pm = model_and_prompts()
+    cfg = replace(PPOConfig(), rollout_batch=3, minibatch=2, ppo_epochs=2, max_new_tokens=6)
+    critic, rm = ScalarModel(copy.deepcopy(model)), ScalarModel(copy.deepcopy(model)).eval()
+    batch, _ = rollout(model, model, critic, rm, prompt, pm, 3, 0, cfg, torch.Generator().manual_seed(0), 0.05)
+    results = []
+    for make in (adamw, lambda params, **kw: torch.optim.AdamW(params, fused=False, foreach=False, **kw)):
+        policy, value = copy.deepcopy(model), copy.deepcopy(critic)
+        opts = make(policy.parameters(), lr=1e-3, eps=1e-5), make(value.parameters(), lr=1e-3, eps=1e-5)
+        ppo_update(policy, value, *opts, batch, cfg, torch.Generator().manual_seed(1))
+        results.append([p.detach() for p in [*policy.parameters(), *value.parameters()]])
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(*results))
+    assert any(not torch.equal(a, b) for a, b in zip(results[0], [p for p in [*model.parameters(),
+                                                                             *critic.parameters()]]))

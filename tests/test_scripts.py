@@ -62,7 +62,8 @@ def test_ppo_ratio_is_one_before_first_update(smoke_dir):
     policy.set_dropout(0.0)
     prompts = source.task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
     codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens)
-    batch, _ = rollout(policy, sft, rm, rm, codec, prompts, cfg, torch.Generator().manual_seed(0), cfg.kl_coef)
+    batch, _ = rollout(policy, sft, rm, rm, *codec.prompts(prompts), codec.tok.eos_id, codec.tok.pad_id, cfg,
+                       torch.Generator().manual_seed(0), cfg.kl_coef)
     idx = torch.arange(cfg.minibatch)  # a minibatch, as the update sees it
     logp = sequence_logprobs(policy, batch["p"][idx], batch["pm"][idx], batch["r"][idx], batch["rmask"][idx],
                              cfg.temperature)
