@@ -136,7 +136,9 @@ class PPO:
     vf_clip: float = 0.2
     """Value clip epsilon."""
     vf_coef: float = 0.1
-    """Value loss coefficient."""
+    """Value loss coefficient. The critic has its own Adam optimiser, which is invariant to a
+    constant scale of the loss: vf_coef only moves where --grad_clip cuts the critic's gradient.
+    The critic's step size is --critic_lr."""
     gamma: float = 1.0
     """GAE discount."""
     lam: float = 0.95

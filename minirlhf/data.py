@@ -38,7 +38,11 @@ def encode_responses(tok, responses, max_len, device="cpu"):
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
     ids = ids.to(device)
-    return ids, response_mask(ids, tok.eos_id) * (ids != tok.pad_id).long()
+    # the padding is what lies past each row's length: a PAD the policy sampled mid-response stays a
+    # real token, as it is on the tensor path that scored it during PPO
+    within = torch.arange(N, device=device)[None, :] < torch.tensor([len(s) for s in seqs],
+                                                                    device=device)[:, None]
+    return ids, response_mask(ids, tok.eos_id) * within.long()
 
 
 def decode_responses(tok, response, mask):

@@ -38,27 +38,35 @@ def win_tie_lose(gold, baseline_gold):
 def evaluate(policy, ref, rm, task, codec, prompts, sft_gold, temperature, generator):
     """Two samples per held-out prompt, judged by the gold reward and by the proxy RM.
 
-    sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Returns a flat dict of
-    metrics; the RM is normalised to unit std on SFT samples, so reward-difference spreads are
-    in SFT-std units."""
-    a, proxy_a, kl, length = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
-    b, proxy_b, _, _ = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
+    sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Gold, proxy, KL, length and
+    the win-rate use both samples (each compared with the baseline); the pair of them measures
+    how well the proxy ranks the policy's own samples. Returns a flat dict of metrics; the RM is
+    normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
+    a, proxy_a, kl_a, len_a = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
+    b, proxy_b, kl_b, len_b = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
     gold_a = np.array([task.gold(p, y) for p, y in zip(prompts, a)])
     gold_b = np.array([task.gold(p, y) for p, y in zip(prompts, b)])
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
     rm_acc = (float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any()
               else float("nan"))
-    wtl = win_tie_lose(gold_a, sft_gold)
-    return {"eval/gold": float(gold_a.mean()), "eval/proxy": float(proxy_a.mean()),
-            "eval/kl": float(kl.mean()), "eval/length": float(length.mean()),
-            "eval/eos_rate": float(np.mean([y.endswith("<eos>") for y in a])),
+    wtl = {k: (x + y) / 2 for (k, x), y in zip(win_tie_lose(gold_a, sft_gold).items(),
+                                              win_tie_lose(gold_b, sft_gold).values())}
+    return {"eval/gold": both(gold_a, gold_b), "eval/proxy": both(proxy_a, proxy_b),
+            "eval/kl": both(kl_a, kl_b), "eval/length": both(len_a, len_b),
+            "eval/eos_rate": float(np.mean([y.endswith("<eos>") for y in a + b])),
             "eval/win_rate": wtl["win_rate"], "eval/win": wtl["win"], "eval/tie": wtl["tie"],
             "eval/lose": wtl["lose"], "eval/rm_acc_policy_pairs": rm_acc,
-            "eval/proxy_gold_corr": _corr(proxy_a, gold_a),
+            "eval/proxy_gold_corr": _corr(np.concatenate([proxy_a, proxy_b]),
+                                          np.concatenate([gold_a, gold_b])),
             "eval/proxy_diff_std": float(np.std(proxy_a - proxy_b)),
             "eval/gold_diff_std": float(np.std(gold_a - gold_b)),
-            "gold_per_prompt": gold_a.tolist(),
+            "gold_per_prompt": ((gold_a + gold_b) / 2).tolist(),
             "samples": list(zip(prompts[:8], a[:8], proxy_a[:8].tolist(), gold_a[:8].tolist()))}
+
+
+def both(x, y):
+    """The mean over both samples of every prompt."""
+    return float(np.concatenate([x, y]).mean())
 
 
 def _corr(x, y):

@@ -130,11 +130,13 @@ def sft_baseline(ref, rm, task, codec, prompts, cfg):
 
 
 def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
-              prompt_split="unlabelled"):
+              prompt_split="unlabelled", eval_split="eval", first_iter=0):
     """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, critic
     initialised from the RM (an ensemble's first member). Evaluates with the gold judge every
-    cfg.eval_every iterations; checkpoints to out_dir/<name>.pt. Returns (policy, history of
-    evaluation dicts)."""
+    cfg.eval_every iterations on `eval_split` prompts; checkpoints to out_dir/<name>.pt. A run that
+    continues another (a MetaRM round) passes `first_iter`: its iteration `it` draws the prompts
+    and randomness of iteration first_iter + it, so it never replays the earlier run's batches.
+    Returns (policy, history of evaluation dicts)."""
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     ref = sft.eval()
     policy = copy.deepcopy(init_policy if init_policy is not None else sft)
@@ -147,7 +149,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
     eval_prompts = task.sample_prompts(cfg.eval_prompts, random.Random(cfg.seed + seeds.PPO_EVAL),
-                                       "eval")
+                                       eval_split)
     sft_gold = sft_baseline(ref, rm, task, codec, eval_prompts, cfg) if dist.is_main() else None
     ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
     start, history = 0, []
@@ -167,7 +169,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
             return
         with autocast(cfg, device):
             ev = evaluate(policy, ref, rm, task, codec, eval_prompts, sft_gold, cfg.temperature,
-                          iteration_rng(cfg.seed, it, device, 2)[1])
+                          iteration_rng(cfg.seed, first_iter + it, device, 2)[1])
         samples = ev.pop("samples")
         # with per-prompt gold: the report compares policies prompt by prompt
         history.append({"iter": it, **ev})
@@ -188,7 +190,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     for it in bar:
         if it % cfg.eval_every == 0 and not evaluated(it):
             do_eval(it)
-        rng, gen = iteration_rng(cfg.seed, it, device)
+        rng, gen = iteration_rng(cfg.seed, first_iter + it, device)
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)
         prompt, prompt_mask = codec.prompts(prompts)
         with autocast(cfg, device):
@@ -196,7 +198,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
                                    codec.tok.pad_id, cfg, gen, kl_ctl.value)
             # the minibatch order has its own generator: how many steps a rank sampled
             # must not change it
-            order = iteration_rng(cfg.seed, it, device, 3)[1]
+            order = iteration_rng(cfg.seed, first_iter + it, device, 3)[1]
             stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, order))
         kl_ctl.update(stats["objective/kl"], cfg.rollout_batch)
         metrics.log(iter=it, **stats)

@@ -60,11 +60,20 @@ def rm_scores(rm, codec, prompts, samples):
 
 
 def policy_pairs(task, prompts, samples):
-    """Clean gold-labelled pairs (prompt, better, worse) of two distinct samples per prompt
-    (gold ties dropped): how well does an RM rank what the policy actually writes?"""
+    """Clean gold-labelled pairs (prompt, better, worse) of two distinct samples per prompt (gold
+    ties dropped)."""
     firsts = ((p, ys[0], next((y for y in ys[1:] if y != ys[0]), None))
               for p, ys in zip(prompts, samples))
     return clean_labelled(task, [(p, a, b) for p, a, b in firsts if b is not None])
+
+
+def held_out_policy_pairs(policy, codec, task, n_prompts, temperature, seed, split="eval"):
+    """How well does an RM rank what the policy actually writes, where no refinement trained: clean
+    gold-labelled pairs of two fresh samples on held-out prompts."""
+    prompts = task.sample_prompts(n_prompts, random.Random(seed), split)
+    samples = policy_samples(policy, codec, prompts, 2, temperature,
+                             torch.Generator(codec.device).manual_seed(seed))
+    return policy_pairs(task, prompts, samples)
 
 
 def vanilla_policy(cfg, source, sft, rm, device):
@@ -93,7 +102,8 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
     # RLP's P: 10 per prompt at T = 1
     samples = policy_samples(policy, codec, prompts, cfg.n_samples, 1.0,
                              torch.Generator(device).manual_seed(cfg.seed + seeds.RLP_SAMPLES))
-    pol_pairs = policy_pairs(task, prompts, samples)
+    pol_pairs = held_out_policy_pairs(policy, codec, task, cfg.refine_prompts, 1.0,
+                                      cfg.seed + seeds.HELD_OUT_PAIRS)
     before = {"rm_acc_policy_pairs": rm_accuracy(rm, codec, pol_pairs),
               "held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"])}
     pairs, step, aux, stats = list(prefs["train"]), bt_step(codec, cfg.grad_clip), None, {}
@@ -114,8 +124,11 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
         labelled = gold_labelled(task, firsts, rng, cfg.label_tau, cfg.label_flip)
         pairs += labelled
         stats = {"oracle/pairs": len(labelled)}
+    # the same number of RM steps for every method, the control included: an epoch is |D| pairs
+    # (SPG's and the oracle's extra pairs are mixed in, not appended as extra steps)
     refined = train_reward_model(sft, pairs, cfg, device, seed=cfg.seed + seeds.RLP_RM, step=step,
-                                 aux=aux, desc=name)
+                                 aux=aux, desc=name,
+                                 steps_per_epoch=max(1, len(prefs["train"]) // cfg.rm_batch))
     normalize_on(refined, codec, prefs["norm_prompts"], prefs["sft_samples"])
     after = {"rm_acc_policy_pairs": rm_accuracy(refined, codec, pol_pairs),
              "held_out_acc_gold": rm_accuracy(refined, codec, prefs["held_clean"])}
@@ -142,7 +155,8 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
     'vanilla-rounds', eta = 0: its control)."""
     eta = cfg.meta_eta if name == "metarm" else 0.0
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
-    split = "ood" if cfg.ood else "unlabelled"
+    # --ood: train on OOD topics and judge on held-out OOD prompts (D stays in-distribution)
+    split, eval_split = ("ood", "ood-eval") if cfg.ood else ("unlabelled", "eval")
     policy, rows = sft, []
     for r in range(1, cfg.rounds + 1):
         rng = random.Random(cfg.seed + seeds.META_SAMPLES + r)
@@ -156,12 +170,16 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
                       torch.tensor(rm_scores(rm, codec, prompts, S))).item(),
                   "shift_norm": statistics.mean(s["shift_norm"] for s in log),
                   "held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"]),
-                  "rm_acc_policy_pairs": rm_accuracy(rm, codec, policy_pairs(task, prompts, S))}
+                  "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_out_policy_pairs(
+                      policy, codec, task, cfg.refine_prompts, cfg.temperature,
+                      cfg.seed + seeds.HELD_OUT_PAIRS + r, eval_split))}
         # The rounds share vanilla PPO's budget (cfg.iters in all), so round R is compared at
-        # equal PPO compute.
-        policy, history = train_ppo(replace(cfg, iters=cfg.iters // cfg.rounds), source, sft, rm,
-                                    device, name=f"{name}_r{r}", init_policy=policy,
-                                    prompt_split=split)
+        # equal PPO compute; round r continues the iteration count (and prompt batches) where
+        # round r - 1 stopped, as one vanilla PPO run would.
+        per_round = cfg.iters // cfg.rounds
+        policy, history = train_ppo(replace(cfg, iters=per_round), source, sft, rm, device,
+                                    name=f"{name}_r{r}", init_policy=policy, prompt_split=split,
+                                    eval_split=eval_split, first_iter=(r - 1) * per_round)
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())
               + f", final gold {history[-1]['eval/gold']:.3f}, "
@@ -196,6 +214,8 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
     S = policy_samples(sft, codec, prompts, cfg.meta_k, cfg.temperature + cfg.meta_temp_delta,
                        torch.Generator(device).manual_seed(cfg.seed + seeds.META_SAMPLES + 1))
+    held_pairs = held_out_policy_pairs(sft, codec, task, cfg.refine_prompts, cfg.temperature,
+                                       cfg.seed + seeds.HELD_OUT_PAIRS + 1)
     rows = []
     for eta in etas:
         rm, log = meta_trained_rm(cfg, sft, codec, prefs, prompts, S, eta, random.Random(cfg.seed),
@@ -205,7 +225,7 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
                      "J_policy_samples": difference_objective(
                          torch.tensor(rm_scores(rm, codec, prompts, S))).item(),
                      "held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"]),
-                     "rm_acc_policy_pairs": rm_accuracy(rm, codec, policy_pairs(task, prompts, S))})
+                     "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_pairs)})
     print_table(rows, list(rows[0]))
     write_summary(cfg, "eta_sweep", {"rows": rows})
     return rows

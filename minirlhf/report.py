@@ -63,6 +63,13 @@ def policies(cell, method):
     return out
 
 
+def trajectories(names):
+    """The policy names that end a trajectory: every name but a round that a later round continues
+    ('metarm r1' when 'metarm r2' exists)."""
+    last = {name.rsplit(" r", 1)[0]: name for name in names}  # report order: rounds ascend
+    return [name for name in names if " r" not in name or last[name.rsplit(" r", 1)[0]] == name]
+
+
 def write_report(cfg, results, methods):
     """out_dir/<task>/report.md and curves.csv (and curves.png) from results.json's
     cells of `methods`."""
@@ -130,9 +137,11 @@ def write_report(cfg, results, methods):
                           if t else "n/a")
         lines.append(f"| {name} | {show(vs_sft)} | {show(vs_ppo)} |")
     lines += ["", "## Gold at matched KL (interpolated along each run) ", "",
+              "A run of rounds is one trajectory: its row is its last round, whose curve holds the "
+              "earlier rounds (a row per round would repeat the first round's crossings).", "",
               "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |",
               "|---" * (len(MATCHED_KL) + 1) + "|"]
-    for name in names:
+    for name in trajectories(names):
         lines.append(f"| {name} | " + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
                                                  for k in MATCHED_KL) + " |")
     lines += ["", "## Diagnostics (final policy; RM = the one it was trained against, "

@@ -119,11 +119,13 @@ def bt_step(codec, grad_clip):
     return step
 
 
-def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=None, desc="rm"):
+def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=None, desc="rm",
+                       steps_per_epoch=None):
     """A fresh RM from the SFT weights, trained on `pairs` for `epochs`.
     `step(rm, opt, batch) -> dict` does one update: bt_step, or RLP-UML's and MetaRM's steps. `aux`,
     a module trained jointly with the RM (RLP-UML's encoder and critic, which its step holds),
-    shares the optimizer and is thrown away afterwards."""
+    shares the optimizer and is thrown away afterwards. `steps_per_epoch` (default: one pass over
+    `pairs`) lets methods that add pairs to D train for as many steps as the ones that do not."""
     torch.manual_seed(seed)
     rm = reward_model_from(sft).to(device)
     rm.gpt.set_dropout(cfg.dropout)
@@ -133,15 +135,17 @@ def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=Non
     opt = adamw(params, lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
     rng = random.Random(seed)
     epochs = epochs or cfg.rm_epochs
-    steps_per_epoch = max(1, len(pairs) // cfg.rm_batch)
+    steps_per_epoch = steps_per_epoch or max(1, len(pairs) // cfg.rm_batch)
     total = epochs * steps_per_epoch
+    # a short run (a MetaRM round: one epoch) must still reach its decay: warmup is at most half
+    warmup = min(cfg.warmup, total // 2)
     bar = tqdm(range(total), desc=desc, mininterval=1.0, disable=not dist.is_main())
     order = []
     for i in bar:
         if i % steps_per_epoch == 0:
             order = rng.sample(pairs, len(pairs))
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(i, total, cfg.rm_lr, cfg.warmup)
+            g["lr"] = cosine_lr(i, total, cfg.rm_lr, warmup)
         first = (i % steps_per_epoch) * cfg.rm_batch
         with autocast(cfg, device):
             stats = step(rm, opt, order[first:first + cfg.rm_batch])

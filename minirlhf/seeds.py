@@ -10,6 +10,7 @@ PREFERENCES = 10  # the proxy RM's pairs of SFT samples and their labels
 SHIFTED = 20  # the deliberately shifted (T = 1.5) sampler of train_rm.py's diagnostic
 RLP_SAMPLES = 30  # RLP's policy samples P and SPG's choices
 RLP_RM = 31  # the refined RM's initialisation and batch order
+HELD_OUT_PAIRS = 32  # (+ round) fresh policy samples on eval prompts: RM accuracy off its training
 META_SAMPLES = 40  # + round: MetaRM's S_r (eta-sweep: round 1)
 META_RM = 50  # + round: that round's RM
 RM_MEMBER = 1000  # * k: ensemble member k's RM

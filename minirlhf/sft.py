@@ -51,6 +51,7 @@ def train_sft(cfg, source, device):
     tok = source.tokenizer
     codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
     if dist.is_main():
+        os.makedirs(cfg.out_dir, exist_ok=True)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
     model = build_policy(cfg, source).to(device)
     print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, "

@@ -9,8 +9,9 @@ Conventions shared by every task:
   few pairs can pick up;
 - `semantic_key(prompt, response)` says when two responses mean the same thing (RLP-SPG's clusters);
 - `sample_prompts(n, rng, split)`: split is 'sft' (anything), 'pref' (preference data), 'unlabelled'
-  (policy samples for RLP/MetaRM), 'eval' (held-out judge prompts) or 'ood' (topics never in the
-  preference data). The first four are disjoint by construction.
+  (policy samples for RLP/MetaRM), 'eval' (held-out judge prompts), 'ood' (topics never in the
+  preference data) or 'ood-eval' (held-out OOD judge prompts). The first four are disjoint by
+  construction, and so are the last two.
 """
 import itertools
 import zlib
@@ -23,6 +24,13 @@ def _split_of(key):
     pref (50%) / unlabelled (25%) / eval (25%)."""
     h = zlib.crc32(repr(key).encode()) % 4
     return "pref" if h < 2 else ("unlabelled" if h == 2 else "eval")
+
+
+def _ood_splits(keys):
+    """The OOD prompts' keys, split by the same stable hash into 'ood' (policy samples, PPO) and
+    'ood-eval' (held-out judge prompts, a quarter)."""
+    return {"ood": [k for k in keys if _split_of(k) != "eval"],
+            "ood-eval": [k for k in keys if _split_of(k) == "eval"]}
 
 
 def _sentences(words):
@@ -80,7 +88,8 @@ class Reviews:
                                    for topics in itertools.combinations(sorted(self.TOPICS), k)
                                    if set(topics) & set(self.OOD_TOPICS)
                                    for tone in ("positive", "negative")]
-        self.keys["ood"] = [k for k in self.keys["sft"] if set(k[0]) & set(self.OOD_TOPICS)]
+        ood = [k for k in self.keys["sft"] if set(k[0]) & set(self.OOD_TOPICS)]
+        self.keys.update(_ood_splits(ood))
 
     # ---- prompts ----
     def sample_prompts(self, n, rng, split):
@@ -214,7 +223,7 @@ class Arith:
         self.keys = {s: [p for p in in_dist if _split_of(p) == s]
                      for s in ("pref", "unlabelled", "eval")}
         self.keys["sft"] = pairs
-        self.keys["ood"] = [p for p in pairs if max(p) >= self.OOD_FROM]
+        self.keys.update(_ood_splits([p for p in pairs if max(p) >= self.OOD_FROM]))
 
     def sample_prompts(self, n, rng, split):
         return [f"{a} + {b} =" for a, b in (rng.choice(self.keys[split]) for _ in range(n))]

@@ -109,3 +109,18 @@ def test_best_of_n_estimator_matches_brute_force():
                          for p in range(3)])
         assert math.isclose(est, brute, rel_tol=1e-9)
         assert math.isclose(kl, math.log(n) - (n - 1) / n)
+
+
+def test_evaluation_uses_both_samples_of_each_prompt(monkeypatch):
+    """Gold, proxy, KL and the win-rate average the two samples drawn per prompt (none is wasted)."""
+    from minirlhf import evaluate as ev
+    draws = iter([(["a1", "a22"], np.array([1.0, 2.0]), np.array([0.5, 1.5]), np.array([2, 3])),
+                  (["b333", "b4444"], np.array([3.0, 4.0]), np.array([2.5, 3.5]), np.array([4, 5]))])
+    monkeypatch.setattr(ev, "rollout_texts", lambda *args: next(draws))
+
+    class Task:  # gold = the response's length
+        gold = staticmethod(lambda prompt, response: float(len(response)))
+    out = ev.evaluate(None, None, None, Task(), None, ["p", "q"], np.array([2.5, 4.5]), 1.0, None)
+    assert out["eval/gold"] == (2 + 3 + 4 + 5) / 4 and out["gold_per_prompt"] == [3.0, 4.0]
+    assert out["eval/proxy"] == 2.5 and out["eval/kl"] == 2.0 and out["eval/length"] == 3.5
+    assert out["eval/win_rate"] == 0.5  # a loses both prompts, b wins both

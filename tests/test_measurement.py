@@ -1,0 +1,125 @@
+"""The measurements the report rests on: each test here failed before its fix (Science v2's bug list)."""
+import pytest
+import torch
+
+from minirlhf import ppo_trainer, refinement, rm as rm_stage
+from minirlhf.config import RefineConfig, parse_args
+from minirlhf.data import Codec, decode_responses, encode_responses
+from minirlhf.generate import response_mask
+from minirlhf.model import GPT, GPTConfig, ScalarModel
+from minirlhf.pipeline import prepare_rl
+from minirlhf.report import trajectories
+from minirlhf.rm import load_preferences
+from minirlhf.tasks import get_task
+
+
+def smoke(out, *extra):
+    return parse_args(["--preset=smoke", f"--out_dir={out}", "--rm_pairs=128", "--sft_steps=30",
+                       "--refine_prompts=64", *extra], RefineConfig)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("measure"))
+    return out, prepare_rl(smoke(out))
+
+
+def recording(monkeypatch, module, name, calls):
+    """Wrap module.name so that every call's arguments are appended to `calls`."""
+    original = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_rlp_rm_accuracy_on_policy_pairs_uses_pairs_no_refinement_trained_on(trained, monkeypatch):
+    out, (device, source, sft, rm) = trained
+    prefs = load_preferences(out)
+    accuracy, training = [], []
+    recording(monkeypatch, refinement, "rm_accuracy", accuracy)
+    recording(monkeypatch, refinement, "train_reward_model", training)
+    refinement.rlp_round(smoke(out), "oracle", source, sft, rm, prefs, device)
+    trained_prompts = {p for p, _, _ in training[0][0][1]}
+    measured = [pairs for (_, _, pairs), _ in accuracy if pairs is not prefs["held_clean"]]
+    assert measured and all(pairs for pairs in measured)
+    assert not trained_prompts & {p for pairs in measured for p, _, _ in pairs}
+
+
+def test_every_rlp_method_and_the_control_take_the_same_number_of_rm_steps(trained, monkeypatch):
+    out, (device, source, sft, rm) = trained
+    cfg, prefs, steps = smoke(out), load_preferences(out), {}
+    for method in ("control", "oracle"):
+        calls = []
+        recording(monkeypatch, refinement, "train_reward_model", calls)
+        refinement.rlp_round(cfg, method, source, sft, rm, prefs, device)
+        (_, pairs, *_), kwargs = calls[0]
+        steps[method] = kwargs.get("steps_per_epoch") or len(pairs) // cfg.rm_batch
+        assert method == "control" or len(pairs) > len(prefs["train"]) + cfg.rm_batch  # more pairs
+    assert steps["control"] == steps["oracle"]
+
+
+def test_a_short_rm_run_still_reaches_its_lr_decay(trained, monkeypatch):
+    out, (device, source, sft, rm) = trained
+    cfg = smoke(out, "--warmup=30", "--rm_batch=4")
+    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    pairs = load_preferences(out)["train"][:31 * 4]  # one epoch of 31 steps, as a MetaRM round's
+    calls = []
+    recording(monkeypatch, rm_stage, "cosine_lr", calls)
+    rm_stage.train_reward_model(sft, pairs, cfg, device, seed=0, step=rm_stage.bt_step(codec, 1.0), epochs=1)
+    (step, total, peak, warmup), _ = calls[-1]
+    assert total == 31 and warmup <= total // 2 and rm_stage.cosine_lr(step, total, peak, warmup) < 0.2 * peak
+
+
+def test_ood_rounds_are_judged_on_held_out_ood_prompts(trained, monkeypatch):
+    out, (device, source, sft, _) = trained
+    splits = []
+    original = source.task.sample_prompts
+    monkeypatch.setattr(source.task, "sample_prompts",
+                        lambda n, rng, split: splits.append(split) or original(n, rng, split))
+    refinement.meta_rounds(smoke(out, "--ood=True", "--rounds=1", "--iters=2"), "vanilla-rounds", source,
+                           sft, load_preferences(out), device)
+    assert "ood-eval" in splits and "eval" not in splits and "unlabelled" not in splits
+
+
+@pytest.mark.parametrize("name", ["reviews", "arith"])
+def test_ood_split_has_a_disjoint_held_out_part(name):
+    task = get_task(name)
+    assert task.keys["ood"] and task.keys["ood-eval"] and not set(task.keys["ood"]) & set(task.keys["ood-eval"])
+
+
+def test_a_later_round_continues_the_prompt_batches_instead_of_replaying_them(trained, monkeypatch):
+    out, (device, source, sft, rm) = trained
+    cfg = smoke(out, "--rounds=2", "--iters=4")
+    batches = {}
+    for run in ("rounds", "vanilla"):
+        calls = []
+        recording(monkeypatch, ppo_trainer, "rollout", calls)
+        if run == "rounds":
+            refinement.meta_rounds(cfg, "vanilla-rounds", source, sft, load_preferences(out), device)
+        else:
+            ppo_trainer.train_ppo(cfg, source, sft, rm, device, name="ppo_batches")
+        batches[run] = [args[4] for args, _ in calls]  # the encoded prompts of each iteration
+        monkeypatch.undo()
+    assert len(batches["rounds"]) == 4
+    assert not torch.equal(batches["rounds"][0], batches["rounds"][2])
+    assert all(torch.equal(a, b) for a, b in zip(batches["rounds"], batches["vanilla"]))  # paired with PPO
+
+
+def test_matched_kl_shows_a_run_of_rounds_once():
+    names = ["ppo", "uml", "metarm r1", "metarm r2", "vanilla-rounds r1", "vanilla-rounds r2"]
+    assert trajectories(names) == ["ppo", "uml", "metarm r2", "vanilla-rounds r2"]
+
+
+def test_a_pad_sampled_mid_response_is_a_real_token_on_the_text_path_too():
+    tok = get_task("reviews").tokenizer
+    the, pizza, was = (tok.encode(w)[0] for w in ("the", "pizza", "was"))
+    response = torch.tensor([[the, pizza, tok.pad_id, was, tok.eos_id]])
+    mask = response_mask(response, tok.eos_id)  # the tensor path (PPO's scoring)
+    ids, text_mask = encode_responses(tok, decode_responses(tok, response, mask), 10)
+    assert torch.equal(ids[:, :5], response) and torch.equal(text_mask[:, :5], mask)
+    torch.manual_seed(0)
+    rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)))
+    prompt, pm = Codec(tok, 8, 10).prompts(["review pizza staff positive :"])
+    assert torch.allclose(rm.score(prompt, pm, response, mask), rm.score(prompt, pm, ids, text_mask))
