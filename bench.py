@@ -3,8 +3,9 @@
 
     python bench.py                      # CPU or GPU, whichever is there; ~2-3 min on 2 CPU cores
     python bench.py --sizes=default      # only the default-preset model
+    # TRL's PPO iteration at shape (a), as one JSON line:
     python bench.py --only=ppo --n_layer=4 --n_embd=128 --n_head=4 --vocab=256 --batch=64 \\
-        --prompt_len=16 --new_tokens=48 --threads=1 --json        # TRL's PPO iteration, one JSON line
+        --prompt_len=16 --new_tokens=48 --threads=1 --json
     python bench.py --only=generate --weights=DIR --new_tokens=48 --threads=1 --json
 """
 import json

@@ -14,6 +14,9 @@
                                                      # eta = 0
     python refine.py --method=eta-sweep     # MetaRM's eta at our scale: J, ||theta' - theta||,
                                             # accuracies
+    python refine.py --method=oracle-iter --rounds=3   # on-policy, iterated: every method
+                                            # has a *-iter mode; control-iter is their control
+    python refine.py --method=gold-ppo      # a ceiling: PPO on the gold reward itself
 
 Reuses out_dir's SFT policy, proxy RM and vanilla PPO policy when present (trains them otherwise).
 """
@@ -21,12 +24,14 @@ import os
 
 from minirlhf.config import RefineConfig, UsageError
 from minirlhf.pipeline import prepare_rl
-from minirlhf.refinement import META_METHODS, RLP_METHODS, eta_sweep, meta_rounds, rlp_round
+from minirlhf.iterated import gold_ppo, iterated_rounds
+from minirlhf.refinement import (ITERATED_METHODS, META_METHODS, RLP_METHODS, eta_sweep,
+                                 meta_rounds, rlp_round)
 from minirlhf.rm import load_preferences
 from minirlhf.runtime import main
 from minirlhf.validate import validate
 
-METHODS = (*RLP_METHODS, *sorted(META_METHODS), "eta-sweep")
+METHODS = (*RLP_METHODS, *ITERATED_METHODS, *sorted(META_METHODS), "eta-sweep", "gold-ppo")
 
 
 def run(cfg):
@@ -34,8 +39,12 @@ def run(cfg):
     prefs = load_preferences(cfg.out_dir)
     if cfg.method in RLP_METHODS:
         return rlp_round(cfg, cfg.method, source, sft, rm, prefs, device)
+    if cfg.method in ITERATED_METHODS:
+        return iterated_rounds(cfg, cfg.method, source, sft, rm, prefs, device)
     if cfg.method in META_METHODS:
         return meta_rounds(cfg, cfg.method, source, sft, prefs, device)
+    if cfg.method == "gold-ppo":
+        return gold_ppo(cfg, source, sft, rm, prefs, device)
     return eta_sweep(cfg, source, sft, prefs, device)
 
 

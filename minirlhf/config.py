@@ -171,9 +171,12 @@ class Refine:
     spg_rank: str = "cluster"
     """RLP-SPG: 'cluster' (the paper) or 'rm' (ablation: RM-best vs RM-worst
     sample, no clustering)."""
+    oracle_pairs: int = 2000
+    """oracle-iter: at most this many clean gold-labelled policy pairs added per round."""
     rounds: int = 3
-    """MetaRM: refinement rounds (RM retrained, PPO continued for iters // rounds, each round: in
-    all, vanilla PPO's budget)."""
+    """MetaRM and the iterated refinements (*-iter): rounds, each refining the RM on the current
+    policy's samples and continuing PPO. Their lengths double (1, 1, 2, 4, ... parts of --iters), so
+    refinement starts early; in all they get vanilla PPO's budget."""
     meta_k: int = 5
     """MetaRM: policy samples per prompt in the difference objective."""
     meta_prompts: int = 8
@@ -245,8 +248,9 @@ class PPOConfig(PPO, RM, SFT, Model, Run):
 @dataclass
 class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
     method: str = "uml"
-    """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each), 'metarm', 'vanilla-rounds'
-    (MetaRM's rounds with eta = 0) or 'eta-sweep'."""
+    """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each, the paper's protocol), the
+    same with '-iter' (on-policy rounds; 'oracle-iter' labels all pairs cleanly), 'metarm',
+    'vanilla-rounds' (MetaRM's rounds with eta = 0), 'eta-sweep' or 'gold-ppo' (a ceiling)."""
 
 
 @dataclass
@@ -290,7 +294,8 @@ def made_with(cfg, stage):
 PRESETS = {
     "smoke": dict(n_layer=2, n_head=2, n_embd=32, sft_steps=30, sft_batch=16, warmup=5, rm_pairs=64,
                   rm_epochs=1, rm_batch=16, iters=3, rollout_batch=8, minibatch=4, ppo_epochs=2,
-                  eval_every=2, eval_prompts=16, sample_every=2, max_new_tokens=24, bon_max=8),
+                  eval_every=2, eval_prompts=16, sample_every=2, max_new_tokens=24, bon_max=8,
+                  rounds=2),
     "default": {},
     # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per
     # iteration), 40 iterations, a smaller human budget D; about 21 min per seed of `reviews` on one

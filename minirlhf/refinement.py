@@ -7,6 +7,7 @@ RM for one epoch on D with meta steps, and continues PPO from the previous round
 iters // rounds iterations, so the rounds together get vanilla PPO's budget.
 """
 import copy
+import itertools
 import os
 import random
 import statistics
@@ -30,18 +31,26 @@ from .sft import sample
 
 @dataclass(frozen=True)
 class RLPMethod:
-    """What one RLP round adds to the RM's retraining on D (nothing at all: the control)."""
+    """What an RM refinement adds to the RM's retraining on D (nothing at all: the control)."""
     uml: bool = False
     """+ lambda * L_M, the multi-view information bottleneck on view pairs of P (RLP-UML)."""
     spg: bool = False
     """+ synthetic pairs from self-consistent policy samples (RLP-SPG)."""
-    oracle: bool = False
-    """+ the same policy pairs labelled by the gold labeller: what a perfect SPG would give."""
+    oracle: str = ""
+    """+ gold-labelled policy pairs: 'first' (each prompt's first two samples, the noisy labeller:
+    what a perfect SPG would give) or 'all' (every distinct pair of a prompt's samples, labelled
+    by the sign of the gold difference, ties dropped: the bound of any refinement on policy
+    samples)."""
 
 
 RLP_METHODS = {"uml": RLPMethod(uml=True), "spg": RLPMethod(spg=True),
-               "uml+spg": RLPMethod(uml=True, spg=True), "oracle": RLPMethod(oracle=True),
+               "uml+spg": RLPMethod(uml=True, spg=True), "oracle": RLPMethod(oracle="first"),
                "control": RLPMethod()}
+# the on-policy, iterated mode of each (minirlhf/iterated.py); the one-shot rounds above are the
+# RLP paper's protocol (Algorithm 1)
+ITERATED_METHODS = {"uml-iter": RLP_METHODS["uml"], "spg-iter": RLP_METHODS["spg"],
+                    "uml+spg-iter": RLP_METHODS["uml+spg"], "oracle-iter": RLPMethod(oracle="all"),
+                    "control-iter": RLP_METHODS["control"]}
 META_METHODS = {"metarm", "vanilla-rounds"}  # MetaRM's rounds, and the same rounds with eta = 0
 
 
@@ -76,6 +85,56 @@ def held_out_policy_pairs(policy, codec, task, n_prompts, temperature, seed, spl
     return policy_pairs(task, prompts, samples)
 
 
+def refine_rm(cfg, name, method, task, codec, sft, rm, prefs, prompts, samples, rng, seed,
+              earlier=()):
+    """An RM retrained from the SFT weights on D, plus what `method` adds from the policy samples
+    (and the pairs `earlier` rounds added), normalised on SFT samples. Returns (the RM, the method's
+    statistics, the pairs it added)."""
+    step, aux, stats, added = bt_step(codec, cfg.grad_clip), None, {}, []
+    if method.spg:
+        keys = [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
+        scores = rm_scores(rm, codec, prompts, samples)
+        synthetic, stats = synthetic_preferences(prompts, samples, keys, scores, cfg.spg_gamma, rng,
+                                                 gold=task.gold, rank_by=cfg.spg_rank)
+        added += synthetic  # D union D_hat, no reweighting
+    if method.uml:
+        torch.manual_seed(seed)  # the head's init derives from the seed alone, like the RM's
+        aux = MIBHead(sft.cfg.n_embd, cfg.z_dim)
+        step = uml_step(codec, prompts, samples, aux, rng, cfg.uml_lambda, cfg.mib_beta,
+                        cfg.grad_clip)
+    if method.oracle == "first":
+        firsts = [(p, ys[0], ys[1]) for p, ys in zip(prompts, samples) if ys[0] != ys[1]]
+        added += gold_labelled(task, firsts, rng, cfg.label_tau, cfg.label_flip)
+        stats = {"oracle/pairs": len(added)}
+    if method.oracle == "all":
+        added += all_clean_pairs(task, prompts, samples)[:cfg.oracle_pairs]
+        stats = {"oracle/pairs": len(added)}
+    # the same number of RM steps for every method, the control included: an epoch is |D| pairs
+    # (the pairs a method adds are mixed in, not appended as extra steps)
+    refined = train_reward_model(sft, list(prefs["train"]) + list(earlier) + added, cfg,
+                                 codec.device, seed=seed, step=step, aux=aux, desc=name,
+                                 steps_per_epoch=max(1, len(prefs["train"]) // cfg.rm_batch))
+    normalize_on(refined, codec, prefs["norm_prompts"], prefs["sft_samples"])
+    return refined, stats, added
+
+
+def all_clean_pairs(task, prompts, samples):
+    """Every distinct pair of each prompt's samples, labelled by the sign of the gold difference
+    (ties dropped), prompts in turn so that a cut keeps whole prompts."""
+    pairs = [(p, a, b) for p, ys in zip(prompts, samples)
+             for a, b in itertools.combinations(sorted(set(ys)), 2)]
+    return clean_labelled(task, pairs)
+
+
+def round_lengths(iters, rounds):
+    """PPO iterations of each round, summing to `iters`: doubling (1, 1, 2, 4, ... parts), so that
+    the first refinements come early, at low KL, where an on-policy method can first help."""
+    weights = [1] + [2 ** max(0, r - 1) for r in range(1, rounds)]
+    lengths = [iters * w // sum(weights) for w in weights]
+    lengths[-1] += iters - sum(lengths)
+    return lengths
+
+
 def vanilla_policy(cfg, source, sft, rm, device):
     """The vanilla PPO policy pi_theta of out_dir (ppo.pt), trained first if missing or
     shorter than cfg.iters."""
@@ -106,30 +165,8 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
                                       cfg.seed + seeds.HELD_OUT_PAIRS)
     before = {"rm_acc_policy_pairs": rm_accuracy(rm, codec, pol_pairs),
               "held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"])}
-    pairs, step, aux, stats = list(prefs["train"]), bt_step(codec, cfg.grad_clip), None, {}
-    if method.spg:
-        keys = [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
-        scores = rm_scores(rm, codec, prompts, samples)
-        synthetic, stats = synthetic_preferences(prompts, samples, keys, scores, cfg.spg_gamma, rng,
-                                                 gold=task.gold, rank_by=cfg.spg_rank)
-        pairs += synthetic  # D union D_hat, no reweighting
-    if method.uml:
-        # the head's init derives from the seed alone, like the RM's
-        torch.manual_seed(cfg.seed + seeds.RLP_RM)
-        aux = MIBHead(sft.cfg.n_embd, cfg.z_dim)
-        step = uml_step(codec, prompts, samples, aux, rng, cfg.uml_lambda, cfg.mib_beta,
-                        cfg.grad_clip)
-    if method.oracle:
-        firsts = [(p, ys[0], ys[1]) for p, ys in zip(prompts, samples) if ys[0] != ys[1]]
-        labelled = gold_labelled(task, firsts, rng, cfg.label_tau, cfg.label_flip)
-        pairs += labelled
-        stats = {"oracle/pairs": len(labelled)}
-    # the same number of RM steps for every method, the control included: an epoch is |D| pairs
-    # (SPG's and the oracle's extra pairs are mixed in, not appended as extra steps)
-    refined = train_reward_model(sft, pairs, cfg, device, seed=cfg.seed + seeds.RLP_RM, step=step,
-                                 aux=aux, desc=name,
-                                 steps_per_epoch=max(1, len(prefs["train"]) // cfg.rm_batch))
-    normalize_on(refined, codec, prefs["norm_prompts"], prefs["sft_samples"])
+    refined, stats, _ = refine_rm(cfg, name, method, task, codec, sft, rm, prefs, prompts, samples,
+                                  rng, cfg.seed + seeds.RLP_RM)
     after = {"rm_acc_policy_pairs": rm_accuracy(refined, codec, pol_pairs),
              "held_out_acc_gold": rm_accuracy(refined, codec, prefs["held_clean"])}
     print(f"{name}: RM accuracy on gold-labelled policy pairs "
@@ -157,7 +194,7 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     # --ood: train on OOD topics and judge on held-out OOD prompts (D stays in-distribution)
     split, eval_split = ("ood", "ood-eval") if cfg.ood else ("unlabelled", "eval")
-    policy, rows = sft, []
+    policy, rows, lengths = sft, [], round_lengths(cfg.iters, cfg.rounds)
     for r in range(1, cfg.rounds + 1):
         rng = random.Random(cfg.seed + seeds.META_SAMPLES + r)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, split)
@@ -173,13 +210,12 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
                   "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_out_policy_pairs(
                       policy, codec, task, cfg.refine_prompts, cfg.temperature,
                       cfg.seed + seeds.HELD_OUT_PAIRS + r, eval_split))}
-        # The rounds share vanilla PPO's budget (cfg.iters in all), so round R is compared at
-        # equal PPO compute; round r continues the iteration count (and prompt batches) where
+        # The rounds share vanilla PPO's budget (cfg.iters in all), so the last round is compared
+        # at equal PPO compute; round r continues the iteration count (and prompt batches) where
         # round r - 1 stopped, as one vanilla PPO run would.
-        per_round = cfg.iters // cfg.rounds
-        policy, history = train_ppo(replace(cfg, iters=per_round), source, sft, rm, device,
+        policy, history = train_ppo(replace(cfg, iters=lengths[r - 1]), source, sft, rm, device,
                                     name=f"{name}_r{r}", init_policy=policy, prompt_split=split,
-                                    eval_split=eval_split, first_iter=(r - 1) * per_round)
+                                    eval_split=eval_split, first_iter=sum(lengths[:r - 1]))
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())
               + f", final gold {history[-1]['eval/gold']:.3f}, "

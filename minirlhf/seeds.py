@@ -13,6 +13,8 @@ RLP_RM = 31  # the refined RM's initialisation and batch order
 HELD_OUT_PAIRS = 32  # (+ round) fresh policy samples on eval prompts: RM accuracy off its training
 META_SAMPLES = 40  # + round: MetaRM's S_r (eta-sweep: round 1)
 META_RM = 50  # + round: that round's RM
+ITER_SAMPLES = 70  # + round: an iterated refinement's policy samples
+ITER_RM = 80  # + round: its refined RM
 RM_MEMBER = 1000  # * k: ensemble member k's RM
 
 

@@ -54,8 +54,10 @@ def validate(cfg, methods=None, rl=False):
          f"(at most {cfg.block_size - 2})")
     need(getattr(cfg, "minibatch", 0) <= getattr(cfg, "rollout_batch", 1), "minibatch",
          f"must be <= --rollout_batch={getattr(cfg, 'rollout_batch', '')}")
-    need(getattr(cfg, "iters", 1) >= getattr(cfg, "rounds", 1), "iters",
-         f"is shared by the rounds, so it must be >= --rounds={getattr(cfg, 'rounds', '')}")
+    rounds = getattr(cfg, "rounds", 1)
+    need(getattr(cfg, "iters", 1) >= 2 ** (rounds - 1), "iters",
+         f"is shared by the rounds, whose lengths double (1, 1, 2, 4, ... parts), so with "
+         f"--rounds={rounds} it must be >= {2 ** (rounds - 1)}")
     bon = getattr(cfg, "bon_max", 1)
     need(bon & (bon - 1) == 0, "bon_max", "must be a power of 2")
     need(cfg.ensemble_agg in ("mean", "min") if "ensemble_agg" in names else True, "ensemble_agg",

@@ -123,3 +123,39 @@ def test_a_pad_sampled_mid_response_is_a_real_token_on_the_text_path_too():
     rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)))
     prompt, pm = Codec(tok, 8, 10).prompts(["review pizza staff positive :"])
     assert torch.allclose(rm.score(prompt, pm, response, mask), rm.score(prompt, pm, ids, text_mask))
+
+
+def test_rounds_double_and_share_vanilla_ppos_budget():
+    from minirlhf.refinement import round_lengths
+    assert round_lengths(40, 1) == [40] and round_lengths(40, 2) == [20, 20]
+    assert round_lengths(40, 3) == [10, 10, 20] and round_lengths(40, 4) == [5, 5, 10, 20]
+    assert all(sum(round_lengths(n, r)) == n for n in range(8, 60) for r in (1, 2, 3, 4))
+
+
+def test_gold_reward_scores_encoded_texts_like_the_task_normalised(trained):
+    from minirlhf.iterated import GoldReward
+    out, (device, source, sft, rm) = trained
+    task, tok = source.task, source.tokenizer
+    prompts = task.sample_prompts(6, __import__("random").Random(0), "eval")
+    responses = [task.demonstrate(p, __import__("random").Random(i)) + " <eos>" for i, p in enumerate(prompts)]
+    gold = GoldReward(task, tok, rm, prompts, responses)
+    scores = gold.score(*Codec(tok, 24, 40).batch(prompts, responses))
+    expected = torch.tensor([task.gold(p, y) for p, y in zip(prompts, responses)])
+    assert torch.allclose(scores, (expected - expected.mean()) / expected.std(), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["oracle-iter", "control-iter"])
+def test_iterated_refinement_runs_rounds_that_continue_the_policy(trained, method):
+    from minirlhf.iterated import iterated_rounds
+    out, (device, source, sft, rm) = trained
+    rows = iterated_rounds(smoke(out, "--rounds=2", "--iters=4", "--oracle_pairs=50"), method, source, sft, rm,
+                           load_preferences(out), device)
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["sft"]["eval/kl"] > 0  # round 2 starts drifted
+    assert (rows[1].get("oracle/pairs", 0) > 0) == (method == "oracle-iter")
+
+
+def test_gold_ppo_ceiling_runs(trained):
+    from minirlhf.iterated import gold_ppo
+    out, (device, source, sft, rm) = trained
+    result = gold_ppo(smoke(out), source, sft, rm, load_preferences(out), device)
+    assert result["final"]["iter"] == 3
