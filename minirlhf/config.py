@@ -147,6 +147,9 @@ class PPO:
     """Reward given instead of the RM score to a response that never emitted EOS."""
     eval_every: int = 5
     """Evaluate with the gold judge every this many PPO iterations."""
+    eval_dense: int = 0
+    """Also evaluate at every iteration below this one: dense evaluations at low KL, where the
+    matched-KL endpoints interpolate."""
     sample_every: int = 20
     """Print a table of samples every this many iterations."""
     bon_max: int = 256
@@ -276,8 +279,8 @@ GROUPS = (("run", Run), ("model and sampling", Model), ("SFT", SFT), ("reward mo
 # sizes, PPO's length), or, for an ensemble, how many members there are (member k is the same RM
 # whatever their number).
 NOT_SHAPING = {"out_dir", "device", "bf16", "threads", "resume", "reuse", "ckpt_every", "preset",
-               "eval_prompts", "iters", "eval_every", "sample_every", "bon_max", "method",
-               "ensemble", "ensemble_agg"}
+               "eval_prompts", "iters", "eval_every", "eval_dense", "sample_every", "bon_max",
+               "method", "ensemble", "ensemble_agg"}
 STAGE_GROUPS = {"sft": (Run, Model, SFT), "rm": (Run, Model, SFT, RM),
                 "ppo": (Run, Model, SFT, RM, PPO)}
 
@@ -298,10 +301,11 @@ PRESETS = {
                   rounds=2),
     "default": {},
     # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per
-    # iteration), 40 iterations, a smaller human budget D; about 21 min per seed of `reviews` on one
-    # core. Vanilla PPO still over-optimises clearly (gold peaks, then falls; README, Results).
-    "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=128, rm_pairs=1000,
-                   rounds=2),
+    # iteration), 40 iterations, a smaller human budget D. Vanilla PPO still over-optimises clearly
+    # (gold peaks, then falls; README, Results). The v2 evaluation: 512 held-out prompts x 2
+    # samples, every iteration evaluated below 6 (low KL), then every 5.
+    "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=512, eval_dense=6,
+                   rm_pairs=1000, rounds=2),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4,
                 rm_lr=5e-5, rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256,
                 minibatch=64),

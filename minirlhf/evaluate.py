@@ -118,6 +118,6 @@ def summarize(history):
     """The iteration-0 (SFT), final and peak-gold evaluations, and the whole curve
     (iter, KL, proxy, gold)."""
     peak = max(history, key=lambda h: h["eval/gold"])
-    curve = [{k: h[k] for k in ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate")}
-             for h in history]
+    keys = ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate", "gold_per_prompt")
+    curve = [{k: h[k] for k in keys} for h in history]
     return {"sft": history[0], "final": history[-1], "peak_gold": peak, "curve": curve}

@@ -188,7 +188,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     bar = tqdm(range(start, cfg.iters), desc=name, mininterval=1.0, initial=start, total=cfg.iters,
                disable=not dist.is_main())
     for it in bar:
-        if it % cfg.eval_every == 0 and not evaluated(it):
+        if (it % cfg.eval_every == 0 or it < cfg.eval_dense) and not evaluated(it):
             do_eval(it)
         rng, gen = iteration_rng(cfg.seed, first_iter + it, device)
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)

@@ -1,8 +1,10 @@
 """The reproduction report: 95% intervals over seeds, matched-KL interpolation,
 report.md and the curves."""
 import csv
+import itertools
 import math
 import os
+import random
 
 from .evaluate import win_tie_lose
 
@@ -45,6 +47,111 @@ def gold_at_kl(history, target_kl, key="eval/gold"):
 def fmt(mean, half, n, digits=3):
     """'mean ± half-width', or the bare value when there is one seed (no interval to show)."""
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+# The pre-registered contrasts (README, "Pre-registered analysis"): (method, baseline)
+CONTRASTS = (("oracle-iter", "control-iter"), ("gold-ppo", "ppo"), ("uml", "ppo"), ("spg", "ppo"),
+             ("uml+spg", "ppo"), ("oracle", "ppo"), ("ensemble-mean", "ppo"),
+             ("ensemble-min", "ppo"), ("metarm", "ppo"), ("uml", "control"), ("spg", "control"),
+             ("uml+spg", "control"), ("oracle", "control"), ("metarm", "vanilla-rounds"))
+
+
+def kl_grid_mean(curve, K):
+    """Primary endpoint 1: the mean of gold over the KL grid 1, 2, ..., K, interpolated along the
+    run (None if the run does not reach K)."""
+    golds = [gold_at_kl(curve, k) for k in range(1, K + 1)]
+    return None if K < 1 or None in golds else sum(golds) / K
+
+
+def split_half_peak(curve):
+    """Primary endpoint 2: the evaluation with the best gold on the even-numbered held-out
+    prompts, reported on the odd-numbered ones, so that the peak is not chosen on the prompts that
+    measure it (None without per-prompt gold)."""
+    points = [p for p in curve if p.get("gold_per_prompt")]
+    if not points:
+        return None
+
+    def half(point, k):
+        gold = point["gold_per_prompt"][k::2]
+        return sum(gold) / len(gold)
+    return half(max(points, key=lambda p: half(p, 0)), 1)
+
+
+def endpoints(a, b):
+    """Both runs' endpoints on a common footing: (KL-grid mean with K the largest integer KL both
+    reach, split-half peak, gold at KL 2), as (a's, b's) pairs; None where not measurable."""
+    K = int(min(max(p["eval/kl"] for p in a), max(p["eval/kl"] for p in b)))
+    return {"KL-grid mean": (kl_grid_mean(a, K), kl_grid_mean(b, K)),
+            "split-half peak": (split_half_peak(a), split_half_peak(b)),
+            "gold at KL 2": (gold_at_kl(a, 2.0), gold_at_kl(b, 2.0))}
+
+
+def sign_flip_p(diffs, draws=20000, rng=None):
+    """Two-sided p-value of a paired mean difference by flipping the signs of the differences:
+    exact (every sign pattern) up to 16 seeds, else `draws` random patterns. No distribution
+    assumed."""
+    n, observed, rng = len(diffs), abs(sum(diffs)), rng or random.Random(0)
+    patterns = (itertools.product((1, -1), repeat=n) if n <= 16 else
+                ([rng.choice((1, -1)) for _ in range(n)] for _ in range(draws)))
+    count = total = 0
+    for signs in patterns:
+        total += 1
+        count += abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12
+    return count / total
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values (same order as given)."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_lines(per_seed, names):
+    """report.md's paired-difference section: for each pre-registered contrast present, each
+    endpoint's mean difference over seeds with its paired 95% t-interval, the seeds where the method
+    is better, and the sign-flip p-value, Holm-adjusted over the contrasts x primary endpoints."""
+    def run(method):  # a run of rounds is its last round, whose curve holds all of them
+        found = [n for n in names if n == method or n.startswith(method + " r")]
+        return found[-1] if found else None
+
+    rows = []
+    for a, b in CONTRASTS:
+        ra, rb = run(a), run(b)
+        if ra is None or rb is None:
+            continue
+        seeds = sorted(set(per_seed[ra]) & set(per_seed[rb]))
+        diffs = {}
+        for s in seeds:
+            pairs = endpoints(per_seed[ra][s]["curve"], per_seed[rb][s]["curve"])
+            for endpoint, (x, y) in pairs.items():
+                if x is not None and y is not None:
+                    diffs.setdefault(endpoint, []).append(x - y)
+        for endpoint in ("KL-grid mean", "split-half peak", "gold at KL 2"):
+            d = diffs.get(endpoint, [])
+            if d:
+                rows.append([f"{a} − {b}", endpoint, d, sign_flip_p(d)])
+    primary = [i for i, r in enumerate(rows) if r[1] != "gold at KL 2"]
+    adjusted = dict(zip(primary, holm([rows[i][3] for i in primary])))
+    lines = ["", "## Paired differences (pre-registered contrasts; README)", "",
+             "Per seed, the method's run minus its baseline's on the same seed (same SFT, proxy RM "
+             "and evaluation prompts). KL-grid mean: mean gold at KL 1, 2, ..., K, K the "
+             "largest integer KL both runs reach; split-half peak: the best evaluation on half the "
+             "prompts, measured on the other half. p: two-sided sign-flip test; Holm: adjusted "
+             "over the contrasts x the two primary endpoints (gold at KL 2 is secondary, "
+             "unadjusted).",
+             "",
+             "| contrast | endpoint | mean difference ± 95% CI | seeds better | p | p (Holm) |",
+             "|---|---|---|---|---|---|"]
+    for i, (name, endpoint, d, p) in enumerate(rows):
+        better = f"{sum(x > 0 for x in d)}/{len(d)}"
+        holm_p = f"{adjusted[i]:.3f}" if i in adjusted else "—"
+        lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d))} | {better} | {p:.3f} | "
+                     f"{holm_p} |")
+    return lines
 
 
 def policies(cell, method):
@@ -144,6 +251,7 @@ def write_report(cfg, results, methods):
     for name in trajectories(names):
         lines.append(f"| {name} | " + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
                                                  for k in MATCHED_KL) + " |")
+    lines += paired_lines(per_seed, names)
     lines += ["", "## Diagnostics (final policy; RM = the one it was trained against, "
               "n/a for ensembles)", "",
               "| policy | RM acc held-out SFT pairs | RM acc policy pairs | proxy-gold corr | "

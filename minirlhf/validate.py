@@ -40,7 +40,7 @@ def validate(cfg, methods=None, rl=False):
         need(getattr(cfg, option, 1) >= 1, option, "must be >= 1")
     for option in ("first_seed", "warmup", "weight_decay", "kl_coef", "kl_target", "vf_coef",
                    "uml_lambda", "mib_beta", "spg_gamma", "meta_eta", "meta_temp_delta", "sft_lr",
-                   "rm_lr", "ppo_lr", "critic_lr"):
+                   "rm_lr", "ppo_lr", "critic_lr", "eval_dense"):
         need(getattr(cfg, option, 0) >= 0, option, "must be >= 0")
     for option in ("temperature", "label_tau", "grad_clip", "clip", "vf_clip", "kl_horizon"):
         need(getattr(cfg, option, 1) > 0, option, "must be > 0")

@@ -39,7 +39,8 @@ def test_experiments_smoke_writes_every_file(tmp_path):
     for name in ("results.json", "reviews/report.md", "reviews/curves.csv"):
         assert os.path.getsize(out / name) > 0
     report = (out / "reviews" / "report.md").read_text()
-    for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "metarm r1"):
+    for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "metarm r1",
+                    "Paired differences", "| oracle-iter − control-iter | split-half peak |"):
         assert section in report
     with open(out / "results.json") as f:
         assert json.load(f) == results
@@ -73,3 +74,20 @@ def test_metarm_round_curves_continue_the_previous_round():
     assert [p["iter"] for p in r1["curve"]] == [0, 20]
     assert [(p["iter"], p["eval/kl"]) for p in r2["curve"]] == [(0, 0.0), (20, 3.0), (20, 3.1), (40, 6.0)]
     assert cell["rounds"][1]["curve"][0]["iter"] == 0  # results are not modified
+
+
+def test_primary_endpoints_and_the_paired_analysis():
+    from minirlhf.report import endpoints, holm, kl_grid_mean, sign_flip_p, split_half_peak
+    curve = [{"eval/kl": 0.0, "eval/gold": 1.0, "gold_per_prompt": [1.0, 1.0, 1.0, 1.0]},
+             {"eval/kl": 2.0, "eval/gold": 3.0, "gold_per_prompt": [5.0, 1.0, 5.0, 1.0]},
+             {"eval/kl": 4.0, "eval/gold": 2.0, "gold_per_prompt": [1.0, 3.0, 1.0, 3.0]}]
+    assert kl_grid_mean(curve, 4) == pytest.approx((2.0 + 3.0 + 2.5 + 2.0) / 4)
+    assert kl_grid_mean(curve, 5) is None  # the run never reaches KL 5
+    # chosen on the even prompts (the KL-2 evaluation: 5.0), measured on the odd ones (1.0): the
+    # same-prompt peak (3.0) would be biased upward
+    assert split_half_peak(curve) == 1.0
+    short = curve[:2]
+    assert endpoints(curve, short)["KL-grid mean"] == (kl_grid_mean(curve, 2), kl_grid_mean(short, 2))
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8  # only all-plus and all-minus are as extreme
+    assert sign_flip_p([1.0, -1.0]) == 1.0
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
