@@ -4,6 +4,8 @@
     python experiments.py --seeds=5 --task=arith
     python experiments.py --preset=smoke --seeds=1   # seconds: every output file, meaningless
                                                      # numbers
+    python experiments.py --methods=ppo,control,oracle-iter,control-iter,gold-ppo \\
+        --first_seed=100 --seeds=8                   # Science v2's gate pilot, on tuning seeds
     python experiments.py --first_seed=3 --seeds=2   # seeds 3 and 4 only, e.g. in a second
                                                      # process beside one running --seeds=3 on
                                                      # the same out_dir
@@ -11,14 +13,18 @@
 Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes. Writes
 out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
 """
-from minirlhf.config import ReportConfig
-from minirlhf.experiment import run_report
+from minirlhf.config import ReportConfig, UsageError
+from minirlhf.experiment import METHODS, run_report
 from minirlhf.runtime import main
 from minirlhf.validate import validate
 
 
 def check(cfg):
     validate(cfg, rl=True)
+    unknown = [m for m in cfg.methods.split(",") if m not in METHODS] if cfg.methods else []
+    if unknown:
+        raise UsageError(f"--methods={cfg.methods!r}: unknown method {unknown[0]!r}, expected some "
+                         f"of {', '.join(METHODS)}")
 
 
 if __name__ == "__main__":

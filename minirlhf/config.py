@@ -203,6 +203,9 @@ class Report:
     """Seeds per task (each: its own SFT, proxy RM and every method)."""
     first_seed: int = 0
     """The seeds run are first_seed .. first_seed + seeds - 1."""
+    methods: str = ""
+    """Comma-separated methods to run (e.g. the gate's pilot: ppo,control,oracle-iter,control-iter,
+    gold-ppo); empty = every method."""
 
 
 @dataclass

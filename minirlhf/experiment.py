@@ -73,7 +73,8 @@ def run_report(cfg):
     """Every method on seeds first_seed .. first_seed + seeds - 1 of cfg.task, then
     report.md and the curves."""
     results = load_results(cfg.out_dir)
-    cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in METHODS]
+    methods = cfg.methods.split(",") if cfg.methods else METHODS
+    cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in methods]
     for k, method in tqdm(cells, desc=f"report {cfg.task}"):
         key = f"{cfg.task}/seed{k}/{method}"
         if key not in results:  # finished cells are never rerun

@@ -168,3 +168,8 @@ def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted; resume with --resume=True" and "Traceback" not in err
+
+
+def test_unknown_report_method(tmp_path):
+    fails(["experiments.py", "--preset=smoke", "--methods=ppo,nosuch"], 2,
+          "--methods='ppo,nosuch': unknown method 'nosuch'", tmp_path / "out")
