@@ -17,6 +17,7 @@
     python refine.py --method=oracle-iter --rounds=3   # on-policy, iterated: every method
                                             # has a *-iter mode; control-iter is their control
     python refine.py --method=gold-ppo      # a ceiling: PPO on the gold reward itself
+    python refine.py --method=big-rm        # a ceiling: PPO on a proxy trained on 10x the pairs
 
 Reuses out_dir's SFT policy, proxy RM and vanilla PPO policy when present (trains them otherwise).
 """
@@ -24,14 +25,15 @@ import os
 
 from minirlhf.config import RefineConfig, UsageError
 from minirlhf.pipeline import prepare_rl
-from minirlhf.iterated import gold_ppo, iterated_rounds
+from minirlhf.iterated import big_rm_ppo, gold_ppo, iterated_rounds
 from minirlhf.refinement import (ITERATED_METHODS, META_METHODS, RLP_METHODS, eta_sweep,
                                  meta_rounds, rlp_round)
 from minirlhf.rm import load_preferences
 from minirlhf.runtime import main
 from minirlhf.validate import validate
 
-METHODS = (*RLP_METHODS, *ITERATED_METHODS, *sorted(META_METHODS), "eta-sweep", "gold-ppo")
+METHODS = (*RLP_METHODS, *ITERATED_METHODS, *sorted(META_METHODS), "eta-sweep", "gold-ppo",
+           "big-rm")
 
 
 def run(cfg):
@@ -45,6 +47,8 @@ def run(cfg):
         return meta_rounds(cfg, cfg.method, source, sft, prefs, device)
     if cfg.method == "gold-ppo":
         return gold_ppo(cfg, source, sft, rm, prefs, device)
+    if cfg.method == "big-rm":
+        return big_rm_ppo(cfg, source, sft, device)
     return eta_sweep(cfg, source, sft, prefs, device)
 
 

@@ -256,7 +256,8 @@ class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
     method: str = "uml"
     """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each, the paper's protocol), the
     same with '-iter' (on-policy rounds; 'oracle-iter' labels all pairs cleanly), 'metarm',
-    'vanilla-rounds' (MetaRM's rounds with eta = 0), 'eta-sweep' or 'gold-ppo' (a ceiling)."""
+    'vanilla-rounds' (MetaRM's rounds with eta = 0), 'eta-sweep', or a ceiling: 'gold-ppo',
+    'big-rm'."""
 
 
 @dataclass

@@ -15,14 +15,14 @@ from .checkpoint import atomic_write_json
 from .evaluate import summarize
 from .pipeline import prepare_rl
 from .ppo_trainer import best_of_n_baseline, train_ppo
-from .iterated import gold_ppo, iterated_rounds
+from .iterated import big_rm_ppo, gold_ppo, iterated_rounds
 from .refinement import ITERATED_METHODS, RLP_METHODS, meta_rounds, rlp_round, vanilla_policy
 from .report import write_report
 from .rm import ensure_rm, load_preferences
 from .runtime import lock_out_dir, read_summary
 
-METHODS = ("bon", "ppo", "gold-ppo", *RLP_METHODS, "oracle-iter", "control-iter", "ensemble-mean",
-           "ensemble-min", "metarm", "vanilla-rounds")
+METHODS = ("bon", "ppo", "gold-ppo", "big-rm", *RLP_METHODS, "oracle-iter", "control-iter",
+           "ensemble-mean", "ensemble-min", "metarm", "vanilla-rounds")
 
 
 def run_cell(cfg, method):
@@ -42,6 +42,8 @@ def run_cell(cfg, method):
         return {"rounds": iterated_rounds(cfg, method, source, sft, rm, prefs, device)}
     if method == "gold-ppo":
         return gold_ppo(cfg, source, sft, rm, prefs, device)
+    if method == "big-rm":
+        return big_rm_ppo(cfg, source, sft, device)
     # Coste et al.: 3 RMs from different seeds (member 0 is the proxy itself)
     if method.startswith("ensemble"):
         ens_cfg = replace(cfg, ensemble=3, ensemble_agg=method.split("-")[1])

@@ -8,8 +8,9 @@ MetaRM's. `oracle-iter` adds every distinct pair of the current policy's samples
 labels, accumulating over rounds: the upper bound of any method that refines on policy samples.
 `control-iter` runs the same rounds retraining on D only.
 
-Ceiling `gold-ppo`: PPO on the gold reward itself, normalised like an RM: what the optimiser can
-reach when the RM is no bottleneck.
+Ceilings: `gold-ppo`, PPO on the gold reward itself, normalised like an RM: what the optimiser can
+reach when the RM is no bottleneck; `big-rm`, PPO on a proxy trained on 10x the preference pairs
+(the same labeller): what more human data buys.
 """
 import random
 from dataclasses import replace
@@ -22,7 +23,7 @@ from .evaluate import summarize
 from .ppo_trainer import train_ppo
 from .refinement import (ITERATED_METHODS, held_out_policy_pairs, policy_samples, refine_rm,
                          round_lengths)
-from .rm import rm_accuracy
+from .rm import bt_step, normalize_on, preference_data, rm_accuracy, train_reward_model
 from .runtime import print_table, write_summary
 
 
@@ -85,4 +86,24 @@ def gold_ppo(cfg, source, sft, rm, prefs, device):
     write_summary(cfg, "gold-ppo", result)
     print(f"gold-ppo: gold {history[0]['eval/gold']:.3f} -> {history[-1]['eval/gold']:.3f} at KL "
           f"{history[-1]['eval/kl']:.2f}")
+    return result
+
+
+def big_rm_ppo(cfg, source, sft, device, scale=10):
+    """The `big-rm` ceiling: a proxy RM trained, like the proxy, on `scale` x its preference pairs
+    (pairs of SFT samples, the same labeller; its first pairs are the proxy's own), then PPO on it
+    with the same recipe and budget."""
+    big_cfg = replace(cfg, rm_pairs=scale * cfg.rm_pairs)
+    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    train, _, held_clean, sft_samples = preference_data(sft, source, codec, big_cfg)
+    big = train_reward_model(sft, train, big_cfg, device, seed=cfg.seed + seeds.BIG_RM,
+                             step=bt_step(codec, cfg.grad_clip), desc="big-rm")
+    normalize_on(big, codec, [p for p, _, _ in train][:len(sft_samples)], sft_samples)
+    _, history = train_ppo(cfg, source, sft, big, device, name="ppo_big_rm")
+    result = {"rm_after": {"held_out_acc_gold": rm_accuracy(big, codec, held_clean)},
+              "rm_pairs": len(train), **summarize(history)}
+    write_summary(cfg, "big-rm", result)
+    print(f"big-rm: {len(train)} pairs, held-out accuracy "
+          f"{result['rm_after']['held_out_acc_gold']:.3f}, "
+          f"final gold {history[-1]['eval/gold']:.3f}")
     return result

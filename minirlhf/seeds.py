@@ -15,6 +15,7 @@ META_SAMPLES = 40  # + round: MetaRM's S_r (eta-sweep: round 1)
 META_RM = 50  # + round: that round's RM
 ITER_SAMPLES = 70  # + round: an iterated refinement's policy samples
 ITER_RM = 80  # + round: its refined RM
+BIG_RM = 90  # the big-rm ceiling's RM
 RM_MEMBER = 1000  # * k: ensemble member k's RM
 
 

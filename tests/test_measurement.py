@@ -159,3 +159,11 @@ def test_gold_ppo_ceiling_runs(trained):
     out, (device, source, sft, rm) = trained
     result = gold_ppo(smoke(out), source, sft, rm, load_preferences(out), device)
     assert result["final"]["iter"] == 3
+
+
+def test_big_rm_ceiling_trains_on_ten_times_the_pairs(trained):
+    from minirlhf.iterated import big_rm_ppo
+    out, (device, source, sft, rm) = trained
+    result = big_rm_ppo(smoke(out, "--rm_pairs=32"), source, sft, device)
+    assert 10 * 32 * 0.8 <= result["rm_pairs"] <= 10 * 32  # identical sample pairs are dropped
+    assert result["final"]["iter"] == 3 and 0 <= result["rm_after"]["held_out_acc_gold"] <= 1
