@@ -43,6 +43,10 @@ class Run:
     data: str = ""
     """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues (train_sft.py,
     train_rm.py); empty = the embedded task."""
+    init_from: str = ""
+    """A Hugging Face GPT-2 folder (config.json + pytorch_model.bin or model.safetensors) that SFT
+    starts from, with --data and its --tokenizer; its sizes replace --n_layer, --n_head and
+    --n_embd."""
     tokenizer: str = ""
     """With --data: a folder holding GPT-2's vocab.json + merges.txt; empty = train a
     byte-level BPE on the file."""

@@ -170,6 +170,19 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return x if return_hidden else self.lm_head(x)
 
+    @torch.no_grad()
+    def resize_vocab(self, n):
+        """Grow the (tied) token embedding to n rows, keeping the existing ones: a pretrained
+        GPT-2 gets rows for the special tokens minirlhf appends after its 50257 (PAD, BOS, EOS,
+        UNK), initialised like fresh embeddings."""
+        old = self.transformer.wte.weight
+        wte = nn.Embedding(n, old.shape[1]).to(old.device, old.dtype)
+        nn.init.normal_(wte.weight, mean=0.0, std=0.02)
+        wte.weight[:old.shape[0]] = old
+        self.transformer.wte, self.lm_head.weight = wte, wte.weight
+        self.cfg.vocab_size = n
+        return self
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

@@ -87,9 +87,9 @@ def clean_labelled(task, pairs):
 def preference_data(sft, source, codec, cfg):
     """Training pairs D, held-out pairs (noisy and clean labels) and the SFT samples used
     for normalisation."""
-    if not source.has_gold:
-        held = source.held_out_pairs
-        return source.train_pairs, held, [], [c for _, c, _ in source.train_pairs[:512]]
+    if not source.has_gold:  # a file's own pairs: the first rm_pairs of its training part
+        train, held = source.train_pairs[:cfg.rm_pairs], source.held_out_pairs
+        return train, held, [], [c for _, c, _ in train[:512]]
     task, rng = source.task, random.Random(cfg.seed + seeds.PREFERENCES)
     gen = torch.Generator(codec.device).manual_seed(cfg.seed + seeds.PREFERENCES)
     train = sample_pairs(sft, codec, task.sample_prompts(cfg.rm_pairs, rng, "pref"),

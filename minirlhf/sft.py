@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import dist, seeds
 from .checkpoint import atomic_save, load
-from .config import made_with
+from .config import UsageError, made_with
 from .data import Codec, decode_responses
 from .generate import generate, sequence_logprobs
 from .model import GPT, GPTConfig, load_model, save_model
@@ -22,9 +22,18 @@ from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, co
 
 
 def build_policy(cfg, source):
-    return GPT(GPTConfig(vocab_size=source.tokenizer.vocab_size, n_positions=cfg.block_size,
-                         n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         dropout=cfg.dropout))
+    """A fresh GPT of the config's size, or the --init_from checkpoint with rows for the
+    tokenizer's appended special tokens."""
+    vocab = source.tokenizer.vocab_size
+    if cfg.init_from:
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        if model.cfg.vocab_size > vocab:
+            raise UsageError(f"--init_from={cfg.init_from!r}: its vocabulary "
+                             f"({model.cfg.vocab_size}) is larger than the tokenizer's ({vocab}): "
+                             "pass its --tokenizer=DIR")
+        return model.resize_vocab(vocab)
+    return GPT(GPTConfig(vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                         n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout))
 
 
 def sft_loss(model, codec, prompts, responses):

@@ -29,7 +29,7 @@ class FileSource:
     def __init__(self, cfg):
         pairs = load_hh_pairs(cfg.data)
         n_held = max(1, len(pairs) // 10)
-        self.train_pairs, self.held_out_pairs = pairs[:-n_held][:cfg.rm_pairs], pairs[-n_held:]
+        self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)
         saved = os.path.join(cfg.out_dir, "tokenizer.json")
         # later stages must reuse the exact vocabulary SFT was trained with

@@ -1,5 +1,6 @@
 """Every option checked before any work starts: a bad one is a UsageError naming it (exit
 code 2, in seconds)."""
+import json
 import os
 from dataclasses import fields
 
@@ -71,6 +72,19 @@ def validate(cfg, methods=None, rl=False):
     if cfg.data:
         need(os.path.isfile(cfg.data), "data",
              "no such file" if not os.path.exists(cfg.data) else "not a file")
+    if cfg.init_from:
+        need(cfg.data and cfg.tokenizer, "init_from", "needs --data=FILE and its --tokenizer=DIR "
+             "(GPT-2's vocab.json + merges.txt): the embedded tasks have their own small "
+             "vocabulary")
+        config = os.path.join(cfg.init_from, "config.json")
+        need(os.path.isfile(config), "init_from", "has no config.json")
+        need(any(os.path.isfile(os.path.join(cfg.init_from, w))
+                 for w in ("pytorch_model.bin", "model.safetensors")), "init_from",
+             "has neither pytorch_model.bin nor model.safetensors")
+        with open(config) as f:
+            positions = json.load(f).get("n_positions", 0)
+        need(cfg.block_size <= positions, "block_size", f"exceeds the checkpoint's n_positions "
+             f"({positions}) in --init_from")
     if cfg.tokenizer:
         for name in ("vocab.json", "merges.txt"):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")

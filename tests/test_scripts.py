@@ -175,3 +175,34 @@ def test_every_entry_point_runs_from_the_command_line(tmp_path):
     assert "one PPO iteration" in r.stdout
     with open(tmp_path / "out" / "summary.json") as f:
         assert {"sft", "rm", "ppo", "bon", "refine_control"} <= set(json.load(f))
+
+
+def test_sft_starts_from_a_gpt2_checkpoint_with_rows_for_our_special_tokens(tmp_path):
+    """--init_from: a tiny random GPT-2 folder (our save_pretrained, HF's layout) and a byte-level
+    vocab.json/merges.txt; with a zero learning rate SFT must save exactly the checkpoint's weights."""
+    from tokenizers import pre_tokenizers
+    from minirlhf.model import GPT, GPTConfig
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # every byte has a token: any text encodes
+    (tmp_path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(alphabet)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=len(alphabet), n_positions=128, n_embd=16, n_layer=2, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    turn = "\n\nHuman: {}\n\nAssistant: {}"
+    lines = [json.dumps({"chosen": turn.format(f"hi {i}", "hello there"), "rejected": turn.format(f"hi {i}", "go")})
+             for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["train_sft.py", "--preset=smoke", f"--data={tmp_path / 'pairs.jsonl'}", f"--tokenizer={tmp_path}",
+            f"--init_from={tmp_path / 'gpt2'}", "--block_size=96", "--max_new_tokens=32", "--sft_steps=2",
+            "--sft_lr=0.0", f"--out_dir={tmp_path / 'out'}"]
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sft, ck = load_model(str(tmp_path / "out" / "sft.pt"))
+    pretrained = GPT.from_pretrained(str(tmp_path / "gpt2"))
+    assert sft.cfg.vocab_size == len(alphabet) + 4 and sft.cfg.n_embd == 16  # + PAD, BOS, EOS, UNK
+    assert torch.equal(sft.transformer.wte.weight[:len(alphabet)], pretrained.transformer.wte.weight)
+    assert torch.equal(sft.transformer.h[1].mlp.c_fc.weight, pretrained.transformer.h[1].mlp.c_fc.weight)
+    assert ck["config"]["init_from"] == str(tmp_path / "gpt2")  # recorded: reusing it elsewhere is refused
+    bad = subprocess.run([sys.executable, "train_ppo.py", "--preset=smoke", f"--init_from={tmp_path / 'gpt2'}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--init_from=" in bad.stderr and "needs --data=FILE" in bad.stderr
