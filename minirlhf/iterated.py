@@ -21,8 +21,8 @@ from . import seeds
 from .data import Codec, decode_responses
 from .evaluate import summarize
 from .ppo_trainer import train_ppo
-from .refinement import (ITERATED_METHODS, held_out_policy_pairs, policy_samples, refine_rm,
-                         round_lengths)
+from .refinement import (ITERATED_METHODS, held_out_policy_pairs, policy_samples, ppo_round,
+                         refine_rm)
 from .rm import bt_step, normalize_on, preference_data, rm_accuracy, train_reward_model
 from .runtime import print_table, write_summary
 
@@ -31,7 +31,7 @@ def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
     """The rounds of ITERATED_METHODS[name]; returns and records one row per round."""
     method, task = ITERATED_METHODS[name], source.task
     codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
-    policy, rows, added, lengths = sft, [], [], round_lengths(cfg.iters, cfg.rounds)
+    policy, rows, added = sft, [], []
     for r in range(1, cfg.rounds + 1):
         rng = random.Random(cfg.seed + seeds.ITER_SAMPLES + r)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
@@ -45,9 +45,7 @@ def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
                   "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_out_policy_pairs(
                       policy, codec, task, cfg.refine_prompts, cfg.temperature,
                       cfg.seed + seeds.HELD_OUT_PAIRS + r)), **stats}
-        policy, history = train_ppo(replace(cfg, iters=lengths[r - 1]), source, sft, rm, device,
-                                    name=f"{name}_r{r}", init_policy=policy,
-                                    first_iter=sum(lengths[:r - 1]))
+        policy, history = ppo_round(cfg, r, name, source, sft, rm, policy, device)
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())
               + f", final gold {history[-1]['eval/gold']:.3f}")

@@ -3,8 +3,8 @@
 RLP (one round, RLP Alg. 1): the vanilla PPO policy (out_dir/ppo.pt, trained if missing) -> n
 samples per unlabelled prompt -> an RM retrained from SFT on D plus what the method
 adds -> normalised -> PPO again from SFT. MetaRM: round r samples the latest policy, trains a fresh
-RM for one epoch on D with meta steps, and continues PPO from the previous round's policy for
-iters // rounds iterations, so the rounds together get vanilla PPO's budget.
+RM for one epoch on D with meta steps, and continues PPO from the previous round's policy for that
+round's length (`round_lengths`), so the rounds together get vanilla PPO's budget.
 """
 import copy
 import itertools
@@ -135,6 +135,17 @@ def round_lengths(iters, rounds):
     return lengths
 
 
+def ppo_round(cfg, r, name, source, sft, rm, policy, device, split="unlabelled", eval_split="eval"):
+    """Round r of a run of rounds: PPO continued from `policy` against `rm` for the round's length.
+    The rounds share vanilla PPO's budget (cfg.iters in all), so the last round is compared at
+    equal PPO compute; round r continues the iteration count (and prompt batches) where round r - 1
+    stopped, as one vanilla PPO run would. Returns (policy, history)."""
+    lengths = round_lengths(cfg.iters, cfg.rounds)
+    return train_ppo(replace(cfg, iters=lengths[r - 1]), source, sft, rm, device,
+                     name=f"{name}_r{r}", init_policy=policy, prompt_split=split,
+                     eval_split=eval_split, first_iter=sum(lengths[:r - 1]))
+
+
 def vanilla_policy(cfg, source, sft, rm, device):
     """The vanilla PPO policy pi_theta of out_dir (ppo.pt), trained first if missing or
     shorter than cfg.iters."""
@@ -194,7 +205,7 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     # --ood: train on OOD topics and judge on held-out OOD prompts (D stays in-distribution)
     split, eval_split = ("ood", "ood-eval") if cfg.ood else ("unlabelled", "eval")
-    policy, rows, lengths = sft, [], round_lengths(cfg.iters, cfg.rounds)
+    policy, rows = sft, []
     for r in range(1, cfg.rounds + 1):
         rng = random.Random(cfg.seed + seeds.META_SAMPLES + r)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, split)
@@ -210,12 +221,8 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
                   "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_out_policy_pairs(
                       policy, codec, task, cfg.refine_prompts, cfg.temperature,
                       cfg.seed + seeds.HELD_OUT_PAIRS + r, eval_split))}
-        # The rounds share vanilla PPO's budget (cfg.iters in all), so the last round is compared
-        # at equal PPO compute; round r continues the iteration count (and prompt batches) where
-        # round r - 1 stopped, as one vanilla PPO run would.
-        policy, history = train_ppo(replace(cfg, iters=lengths[r - 1]), source, sft, rm, device,
-                                    name=f"{name}_r{r}", init_policy=policy, prompt_split=split,
-                                    eval_split=eval_split, first_iter=sum(lengths[:r - 1]))
+        policy, history = ppo_round(cfg, r, name, source, sft, rm, policy, device, split,
+                                    eval_split)
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())
               + f", final gold {history[-1]['eval/gold']:.3f}, "

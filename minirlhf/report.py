@@ -115,13 +115,11 @@ def paired_lines(per_seed, names):
     """report.md's paired-difference section: for each pre-registered contrast present, each
     endpoint's mean difference over seeds with its paired 95% t-interval, the seeds where the method
     is better, and the sign-flip p-value, Holm-adjusted over the contrasts x primary endpoints."""
-    def run(method):  # a run of rounds is its last round, whose curve holds all of them
-        found = [n for n in names if n == method or n.startswith(method + " r")]
-        return found[-1] if found else None
-
+    # a run of rounds is its last round, whose curve holds all of them
+    runs = {name.rsplit(" r", 1)[0]: name for name in trajectories(names)}
     rows = []
     for a, b in CONTRASTS:
-        ra, rb = run(a), run(b)
+        ra, rb = runs.get(a), runs.get(b)
         if ra is None or rb is None:
             continue
         seeds = sorted(set(per_seed[ra]) & set(per_seed[rb]))
