@@ -53,7 +53,7 @@ def run(cfg):
 
 
 def check(cfg):
-    validate(cfg, methods=METHODS, rl=True)
+    validate(cfg, methods=METHODS)
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError("refine.py runs on one process "
                          "(torchrun: train_sft.py, train_rm.py, train_ppo.py)")

@@ -48,7 +48,7 @@ def run(cfg):
 
 
 def check(cfg):
-    validate(cfg, methods=("ppo", "bon"), rl=True)
+    validate(cfg, methods=("ppo", "bon"))
     if cfg.method == "bon" and os.environ.get("WORLD_SIZE", "1") != "1":
         raise UsageError("--method=bon runs on one process (not under torchrun)")
 

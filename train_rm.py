@@ -4,24 +4,23 @@
                                                          # SFT samples
     python train_rm.py --ensemble=3                      # Coste et al.: 3 RMs from different seeds
     python train_rm.py --data=path/to/test.jsonl.gz --block_size=256 --max_new_tokens=128
-                                                         # HH-RLHF file
+                                # HH-RLHF file: a gold RM on all its pairs plays the human
+                                # (out_dir/gold_rm.pt), the proxy learns from rm_pairs of its labels
 
 Initialises from out_dir/sft.pt (training SFT first if missing). Reports held-out accuracy on noisy
 labels and on clean gold labels, normalises the RM on SFT samples and saves out_dir/rm.pt
 (ensemble members as rm_1.pt, ...).
 """
 from minirlhf.config import RMConfig
+from minirlhf.pipeline import prepare_judged
 from minirlhf.rm import train_rm
-from minirlhf.runtime import main, setup
-from minirlhf.sft import ensure_sft
-from minirlhf.sources import get_source
+from minirlhf.runtime import main
 from minirlhf.validate import validate
 
 
 def run(cfg):
-    device = setup(cfg)
-    source = get_source(cfg)
-    return train_rm(cfg, source, ensure_sft(cfg, source, device), device)
+    device, source, sft = prepare_judged(cfg)
+    return train_rm(cfg, source, sft, device)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ class Run:
     """SFT steps between resumable checkpoints (PPO checkpoints at every evaluation)."""
     preset: str = "default"
     """'smoke' (seconds, for tests), 'default' (the CPU run), 'report' (experiments.py's multi-seed
-    run on a CPU) or 'gpu' (a bigger model for one GPU)."""
+    run on a CPU), 'gpu' (a bigger model for one GPU) or 'gpt2' (GPT-2 small on a preference file,
+    one GPU: --init_from, --tokenizer, --data)."""
     data: str = ""
-    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues (train_sft.py,
-    train_rm.py); empty = the embedded task."""
+    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues, judged by a gold RM
+    trained on its pairs (ALGORITHMS.md §4.1); empty = the embedded task."""
     init_from: str = ""
     """A Hugging Face GPT-2 folder (config.json + pytorch_model.bin or model.safetensors) that SFT
     starts from, with --data and its --tokenizer; its sizes replace --n_layer, --n_head and
@@ -113,6 +114,9 @@ class RM:
     """Train this many RMs from different seeds (Coste et al.); PPO then uses their aggregate."""
     ensemble_agg: str = "mean"
     """How an ensemble's rewards combine: 'mean' or 'min' (worst case)."""
+    gold_rm: str = ""
+    """With --data: a gold RM checkpoint (another run's gold_rm.pt) that plays the human; empty =
+    train one on every training pair of the file (out_dir/gold_rm.pt)."""
 
 
 @dataclass
@@ -182,8 +186,8 @@ class Refine:
     """oracle-iter: at most this many clean gold-labelled policy pairs added per round."""
     rounds: int = 3
     """MetaRM and the iterated refinements (*-iter): rounds, each refining the RM on the current
-    policy's samples and continuing PPO. Their lengths double (1, 1, 2, 4, ... parts of --iters), so
-    refinement starts early; in all they get vanilla PPO's budget."""
+    policy's samples and continuing PPO. Their lengths are 1, 1, 2, 2, ... parts of --iters, so
+    refinement starts early and keeps up; in all they get vanilla PPO's budget."""
     meta_k: int = 5
     """MetaRM: policy samples per prompt in the difference objective."""
     meta_prompts: int = 8
@@ -313,10 +317,16 @@ PRESETS = {
     # (gold peaks, then falls; README, Results). The v2 evaluation: 512 held-out prompts x 2
     # samples, every iteration evaluated below 6 (low KL), then every 5.
     "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=512, eval_dense=6,
-                   rm_pairs=1000, rounds=2),
+                   rm_pairs=1000, rounds=8),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4,
                 rm_lr=5e-5, rm_pairs=2000, ppo_lr=1e-5, critic_lr=1e-5, rollout_batch=256,
                 minibatch=64),
+    # GPT-2 small (--init_from) on an HH-RLHF-style file, one GPU of 24 GB, bf16: dialogues keep
+    # their last 256 tokens, answers get 128; pretrained weights want small learning rates
+    "gpt2": dict(block_size=384, max_new_tokens=128, sft_steps=1000, sft_batch=16, sft_lr=1e-5,
+                 warmup=50, rm_pairs=2000, rm_epochs=1, rm_batch=16, rm_lr=1e-5, iters=200,
+                 rollout_batch=64, minibatch=8, ppo_lr=1e-6, critic_lr=1e-5, eval_prompts=256,
+                 eval_every=10, bon_max=64, refine_prompts=128),
 }
 
 

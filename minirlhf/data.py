@@ -71,11 +71,11 @@ class Codec:
         return (*self.prompts(prompts), *self.responses(responses))
 
 
-def gold_label(task, prompt, a, b, tau, flip, rng):
-    """The simulated annotator: returns True if a is preferred.
-    P(a > b) = sigmoid((g(a) - g(b)) / tau), then each label flips with probability `flip`
-    (AlpacaFarm-style extra noise)."""
-    diff = (task.gold(prompt, a) - task.gold(prompt, b)) / tau
+def gold_label(gold_diff, tau, flip, rng):
+    """The simulated annotator of a pair (a, b) whose gold difference is g(a) - g(b): returns True
+    if a is preferred. P(a > b) = sigmoid((g(a) - g(b)) / tau), then each label flips with
+    probability `flip` (AlpacaFarm-style extra noise)."""
+    diff = gold_diff / tau
     a_wins = rng.random() < 1 / (1 + math.exp(-max(-50.0, min(50.0, diff))))
     return a_wins != (rng.random() < flip)
 

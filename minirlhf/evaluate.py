@@ -44,8 +44,7 @@ def evaluate(policy, ref, rm, task, codec, prompts, sft_gold, temperature, gener
     normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
     a, proxy_a, kl_a, len_a = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
     b, proxy_b, kl_b, len_b = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
-    gold_a = np.array([task.gold(p, y) for p, y in zip(prompts, a)])
-    gold_b = np.array([task.gold(p, y) for p, y in zip(prompts, b)])
+    gold_a, gold_b = np.array(task.golds(prompts, a)), np.array(task.golds(prompts, b))
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
     rm_acc = (float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any()
               else float("nan"))
@@ -106,7 +105,7 @@ def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
     for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
         texts, s, _, _ = rollout_texts(sft, sft, rm, codec, prompts, temperature, generator)
         proxy.append(s)
-        gold.append([task.gold(p, t) for p, t in zip(prompts, texts)])
+        gold.append(task.golds(prompts, texts))
     proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     return [{"n": n, "kl": kl, "gold": g, "proxy": pc[2]}

@@ -37,9 +37,12 @@ def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
         prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
         samples = policy_samples(policy, codec, prompts, cfg.n_samples, 1.0, torch.Generator(
             device).manual_seed(cfg.seed + seeds.ITER_SAMPLES + r))
-        # SPG ranks by the RM in use so far; the oracle's pairs accumulate over the rounds
+        # SPG ranks by the RM in use so far; the oracle's pairs accumulate over the rounds; round
+        # r > 1 continues round r - 1's RM, which keeps what it learnt (from SFT, the accumulated
+        # pairs would dilute the newest ones within the same steps)
         rm, stats, new = refine_rm(cfg, f"{name} r{r}", method, task, codec, sft, rm, prefs,
-                                   prompts, samples, rng, cfg.seed + seeds.ITER_RM + r, added)
+                                   prompts, samples, rng, cfg.seed + seeds.ITER_RM + r, added,
+                                   init=rm if r > 1 else None)
         added += new if method.oracle else []
         rm_row = {"held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"]),
                   "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_out_policy_pairs(
@@ -63,7 +66,7 @@ class GoldReward:
     which the critic starts from, as in every other run."""
 
     def __init__(self, task, tok, proxy, prompts, responses):
-        gold = torch.tensor([task.gold(p, y) for p, y in zip(prompts, responses)])
+        gold = torch.tensor(task.golds(prompts, responses))
         self.task, self.tok, self.members = task, tok, [proxy]
         self.mean, self.std = gold.mean().item(), gold.std().item()
 
@@ -71,7 +74,7 @@ class GoldReward:
         texts = decode_responses(self.tok, response, resp_mask)
         prompts = [self.tok.decode([i for i in row[m.bool()].tolist() if i != self.tok.bos_id])
                    for row, m in zip(prompt.cpu(), prompt_mask.cpu())]
-        gold = torch.tensor([self.task.gold(p, y) for p, y in zip(prompts, texts)])
+        gold = torch.tensor(self.task.golds(prompts, texts))
         return ((gold - self.mean) / self.std).to(response.device)
 
 

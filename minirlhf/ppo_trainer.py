@@ -126,7 +126,7 @@ def sft_baseline(ref, rm, task, codec, prompts, cfg):
     run gets the same)."""
     gen = iteration_rng(cfg.seed, -1, codec.device, 1)[1]
     texts = rollout_texts(ref, ref, rm, codec, prompts, cfg.temperature, gen)[0]
-    return np.array([task.gold(p, t) for p, t in zip(prompts, texts)])
+    return np.array(task.golds(prompts, texts))
 
 
 def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
@@ -188,7 +188,10 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     bar = tqdm(range(start, cfg.iters), desc=name, mininterval=1.0, initial=start, total=cfg.iters,
                disable=not dist.is_main())
     for it in bar:
-        if (it % cfg.eval_every == 0 or it < cfg.eval_dense) and not evaluated(it):
+        # the schedule counts from SFT; a continued run's start was the end of the run before it
+        g = first_iter + it
+        if ((g % cfg.eval_every == 0 or g < cfg.eval_dense) and not evaluated(it)
+                and not (first_iter and it == 0)):
             do_eval(it)
         rng, gen = iteration_rng(cfg.seed, first_iter + it, device)
         prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)

@@ -22,7 +22,7 @@ from .data import Codec
 from .evaluate import summarize
 from .metarm import difference_objective, metarm_step
 from .ppo_trainer import train_ppo
-from .rlp import MIBHead, synthetic_preferences, uml_step
+from .rlp import MIBHead, cluster_by_similarity, synthetic_preferences, uml_step
 from .rm import (bt_step, clean_labelled, gold_labelled, normalize_on, rm_accuracy, score_texts,
                  train_reward_model)
 from .runtime import print_table, read_summary, write_summary
@@ -86,16 +86,17 @@ def held_out_policy_pairs(policy, codec, task, n_prompts, temperature, seed, spl
 
 
 def refine_rm(cfg, name, method, task, codec, sft, rm, prefs, prompts, samples, rng, seed,
-              earlier=()):
+              earlier=(), init=None):
     """An RM retrained from the SFT weights on D, plus what `method` adds from the policy samples
-    (and the pairs `earlier` rounds added), normalised on SFT samples. Returns (the RM, the method's
+    (and the pairs `earlier` rounds added), normalised on SFT samples; with `init` (an earlier
+    round's refined RM), that RM continued for one epoch instead. Returns (the RM, the method's
     statistics, the pairs it added)."""
     step, aux, stats, added = bt_step(codec, cfg.grad_clip), None, {}, []
     if method.spg:
-        keys = [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
+        keys = semantic_keys(task, rm, codec, prompts, samples)
         scores = rm_scores(rm, codec, prompts, samples)
         synthetic, stats = synthetic_preferences(prompts, samples, keys, scores, cfg.spg_gamma, rng,
-                                                 gold=task.gold, rank_by=cfg.spg_rank)
+                                                 golds=task.golds, rank_by=cfg.spg_rank)
         added += synthetic  # D union D_hat, no reweighting
     if method.uml:
         torch.manual_seed(seed)  # the head's init derives from the seed alone, like the RM's
@@ -107,32 +108,55 @@ def refine_rm(cfg, name, method, task, codec, sft, rm, prefs, prompts, samples, 
         added += gold_labelled(task, firsts, rng, cfg.label_tau, cfg.label_flip)
         stats = {"oracle/pairs": len(added)}
     if method.oracle == "all":
-        added += all_clean_pairs(task, prompts, samples)[:cfg.oracle_pairs]
+        added += all_clean_pairs(task, prompts, samples, rng)[:cfg.oracle_pairs]
         stats = {"oracle/pairs": len(added)}
-    # the same number of RM steps for every method, the control included: an epoch is |D| pairs
-    # (the pairs a method adds are mixed in, not appended as extra steps)
-    refined = train_reward_model(sft, list(prefs["train"]) + list(earlier) + added, cfg,
-                                 codec.device, seed=seed, step=step, aux=aux, desc=name,
-                                 steps_per_epoch=max(1, len(prefs["train"]) // cfg.rm_batch))
+    # the same number of RM steps for every method, the control included: an epoch is |D| plus
+    # the most pairs a method may add (--oracle_pairs), so that an RM sees what it was given
+    # (with fewer steps, 2,000 added pairs were each seen less than once and barely learnt)
+    refined = train_reward_model(
+        sft, list(prefs["train"]) + list(earlier) + added, cfg, codec.device, seed=seed, step=step,
+        aux=aux, desc=name, init=init, epochs=1 if init is not None else None,
+        steps_per_epoch=max(1, (len(prefs["train"]) + cfg.oracle_pairs) // cfg.rm_batch))
     normalize_on(refined, codec, prefs["norm_prompts"], prefs["sft_samples"])
     return refined, stats, added
 
 
-def all_clean_pairs(task, prompts, samples):
+@torch.no_grad()
+def semantic_keys(task, rm, codec, prompts, samples):
+    """What each sample means, for RLP-SPG's clusters: the task's semantic key, or on free text
+    (a file: no key) a cluster id from the RM's final hidden states (rlp.cluster_by_similarity)."""
+    if task.semantic_key is not None:
+        return [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
+    scorer = rm.members[0]
+    return [cluster_by_similarity(scorer.score(*codec.batch([p] * len(ys), ys),
+                                               return_hidden=True)[1])
+            for p, ys in zip(prompts, samples)]
+
+
+def all_clean_pairs(task, prompts, samples, rng):
     """Every distinct pair of each prompt's samples, labelled by the sign of the gold difference
-    (ties dropped), prompts in turn so that a cut keeps whole prompts."""
-    pairs = [(p, a, b) for p, ys in zip(prompts, samples)
-             for a, b in itertools.combinations(sorted(set(ys)), 2)]
-    return clean_labelled(task, pairs)
+    (ties dropped), dealt round-robin over the prompts in a random order within each prompt, so
+    that a cut (--oracle_pairs) still covers every prompt instead of the first few."""
+    per_prompt = []
+    for p, ys in zip(prompts, samples):
+        pairs = [(p, a, b) for a, b in itertools.combinations(sorted(set(ys)), 2)]
+        per_prompt.append(rng.sample(pairs, len(pairs)))
+    dealt = [pair for layer in itertools.zip_longest(*per_prompt) for pair in layer if pair]
+    return clean_labelled(task, dealt)
+
+
+def round_weights(rounds):
+    """Each round's share of the PPO budget: 1, 1, 2, 2, 2, ... parts. The first refinements come
+    early, at low KL, where an on-policy method can first help; later rounds stay short, because a
+    long round lets the policy drift far from the samples its RM was refined on."""
+    return [1] * min(rounds, 2) + [2] * (rounds - 2)
 
 
 def round_lengths(iters, rounds):
-    """PPO iterations of each round, summing to `iters`: doubling (1, 1, 2, 4, ... parts), so that
-    the first refinements come early, at low KL, where an on-policy method can first help."""
-    weights = [1] + [2 ** max(0, r - 1) for r in range(1, rounds)]
-    lengths = [iters * w // sum(weights) for w in weights]
-    lengths[-1] += iters - sum(lengths)
-    return lengths
+    """PPO iterations of each round, summing to `iters` (round_weights, rounded cumulatively)."""
+    weights = round_weights(rounds)
+    ends = [round(iters * sum(weights[:r + 1]) / sum(weights)) for r in range(rounds)]
+    return [b - a for a, b in zip([0] + ends, ends)]
 
 
 def ppo_round(cfg, r, name, source, sft, rm, policy, device, split="unlabelled", eval_split="eval"):

@@ -68,7 +68,7 @@ def mib_loss(head, h1, h2, beta=1.0):
     return -mi + beta * skl, {"mi": mi.item(), "skl": skl.item()}
 
 
-def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, gold=None,
+def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, golds=None,
                           rank_by="cluster"):
     """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n texts), their semantic keys[i]
     and current-RM scores rm_scores[i]:
@@ -78,8 +78,8 @@ def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, gold=No
       3. chosen = the highest-RM sample of the largest group, rejected = uniform among
          the samples outside it.
     rank_by="rm" is the ablation that skips clustering: chosen = RM-best, rejected = RM-worst
-    sample. gold(prompt, response), when given, measures how often the synthetic label agrees with
-    the gold judge. Returns ([(prompt, chosen, rejected)], stats)."""
+    sample. golds(prompts, responses), when given, measures how often the synthetic label agrees
+    with the gold judge. Returns ([(prompt, chosen, rejected)], stats)."""
     pairs = []
     for prompt, ys, ks, rs in zip(prompts, samples, keys, rm_scores):
         if rank_by == "rm":
@@ -97,8 +97,9 @@ def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, gold=No
             chosen = max(largest, key=rs.__getitem__)
             pairs.append((prompt, ys[chosen], ys[rng.choice(outside)]))
     stats = {"spg/acceptance": len(pairs) / max(1, len(prompts)), "spg/pairs": len(pairs)}
-    if gold is not None and pairs:
-        agree = [(gold(p, c) > gold(p, r)) + 0.5 * (gold(p, c) == gold(p, r)) for p, c, r in pairs]
+    if golds is not None and pairs:
+        p, c, r = zip(*pairs)
+        agree = [(gc > gr) + 0.5 * (gc == gr) for gc, gr in zip(golds(p, c), golds(p, r))]
         stats["spg/gold_agreement"] = sum(agree) / len(agree)
     return pairs, stats
 

@@ -1,12 +1,13 @@
 """Stage 2 of RLHF: a proxy reward model from a limited budget of preference pairs
 (ALGORITHMS.md §1.2).
 
-On an embedded task the pairs are two SFT samples per 'pref' prompt, labelled by the simulated
-annotator (the gold reward through a Bradley-Terry labeller); on a file they are the file's own
-pairs. The RM starts from the SFT weights, learns with the Bradley-Terry loss, and is normalised
+The pairs are two SFT samples per 'pref' prompt, labelled by the simulated annotator (the gold
+reward through a Bradley-Terry labeller); on a file the gold reward is the gold RM trained on the
+file's own pairs (file_task.py). The RM starts from the SFT weights, learns with the Bradley-Terry loss, and is normalised
 to mean 0 / std 1 on SFT samples. Writes out_dir/rm.pt (ensemble members 1.. as rm_1.pt, ...)
 and preferences.json.
 """
+import copy
 import json
 import os
 import random
@@ -66,12 +67,14 @@ def sample_pairs(policy, codec, prompts, temperature, generator, desc="pairs"):
 def gold_labelled(task, pairs, rng, tau, flip, noisy=True):
     """[(prompt, chosen, rejected)] by the gold labeller (noisy: Bradley-Terry at temperature tau,
     then flips) or by the sign of the gold difference (clean, ties dropped)."""
+    if not pairs:
+        return []
+    prompts, a, b = zip(*pairs)
     out = []
-    for p, a, b in pairs:
+    for (p, a, b), ga, gb in zip(pairs, task.golds(prompts, a), task.golds(prompts, b)):
         if noisy:
-            a_wins = gold_label(task, p, a, b, tau, flip, rng)
+            a_wins = gold_label(ga - gb, tau, flip, rng)
         else:
-            ga, gb = task.gold(p, a), task.gold(p, b)
             if ga == gb:
                 continue
             a_wins = ga > gb
@@ -87,9 +90,6 @@ def clean_labelled(task, pairs):
 def preference_data(sft, source, codec, cfg):
     """Training pairs D, held-out pairs (noisy and clean labels) and the SFT samples used
     for normalisation."""
-    if not source.has_gold:  # a file's own pairs: the first rm_pairs of its training part
-        train, held = source.train_pairs[:cfg.rm_pairs], source.held_out_pairs
-        return train, held, [], [c for _, c, _ in train[:512]]
     task, rng = source.task, random.Random(cfg.seed + seeds.PREFERENCES)
     gen = torch.Generator(codec.device).manual_seed(cfg.seed + seeds.PREFERENCES)
     train = sample_pairs(sft, codec, task.sample_prompts(cfg.rm_pairs, rng, "pref"),
@@ -120,14 +120,15 @@ def bt_step(codec, grad_clip):
 
 
 def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=None, desc="rm",
-                       steps_per_epoch=None):
-    """A fresh RM from the SFT weights, trained on `pairs` for `epochs`.
+                       steps_per_epoch=None, init=None):
+    """A fresh RM from the SFT weights (or a copy of the RM `init`, to continue it), trained on
+    `pairs` for `epochs`.
     `step(rm, opt, batch) -> dict` does one update: bt_step, or RLP-UML's and MetaRM's steps. `aux`,
     a module trained jointly with the RM (RLP-UML's encoder and critic, which its step holds),
     shares the optimizer and is thrown away afterwards. `steps_per_epoch` (default: one pass over
     `pairs`) lets methods that add pairs to D train for as many steps as the ones that do not."""
     torch.manual_seed(seed)
-    rm = reward_model_from(sft).to(device)
+    rm = (reward_model_from(sft) if init is None else copy.deepcopy(init)).to(device)
     rm.gpt.set_dropout(cfg.dropout)
     rm.train()
     params = list(rm.parameters()) + (list(aux.to(device).train().parameters())
@@ -142,8 +143,10 @@ def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=Non
     bar = tqdm(range(total), desc=desc, mininterval=1.0, disable=not dist.is_main())
     order = []
     for i in bar:
-        if i % steps_per_epoch == 0:
-            order = rng.sample(pairs, len(pairs))
+        if i % steps_per_epoch == 0:  # an epoch longer than the pairs goes round them again
+            order = []
+            while len(order) < steps_per_epoch * cfg.rm_batch:
+                order += rng.sample(pairs, len(pairs))
         for g in opt.param_groups:
             g["lr"] = cosine_lr(i, total, cfg.rm_lr, warmup)
         first = (i % steps_per_epoch) * cfg.rm_batch

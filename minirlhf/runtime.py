@@ -209,9 +209,14 @@ def write_summary(cfg, stage, values):
     atomic_write_json(summary, os.path.join(cfg.out_dir, "summary.json"))
 
 
-def print_table(rows, columns):
-    """A plain-text table; rows are dicts, floats printed with 3 decimals."""
-    cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+def print_table(rows, columns, max_text=100):
+    """A plain-text table; rows are dicts, floats printed with 3 decimals. A text (a dialogue from a
+    file) shows on one line, its middle cut to fit `max_text` characters."""
+    def text(v):
+        v = " ".join(str(v).split())
+        half = (max_text - 3) // 2
+        return v if len(v) <= max_text else v[:half] + "..." + v[-half:]
+    cells = [[f"{r[c]:.3f}" if isinstance(r[c], float) else text(r[c]) for c in columns]
              for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))

@@ -16,6 +16,7 @@ META_RM = 50  # + round: that round's RM
 ITER_SAMPLES = 70  # + round: an iterated refinement's policy samples
 ITER_RM = 80  # + round: its refined RM
 BIG_RM = 90  # the big-rm ceiling's RM
+GOLD_RM = 95  # a file's gold RM: its initialisation, batch order and normalisation samples
 RM_MEMBER = 1000  # * k: ensemble member k's RM
 
 

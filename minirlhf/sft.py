@@ -120,10 +120,9 @@ def summarize_sft(cfg, source, model, metrics, device):
         codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
         samples = sample(model, codec, prompts, cfg.temperature,
                          torch.Generator(device).manual_seed(cfg.seed))
-        gold = [source.task.gold(p, s) for p, s in zip(prompts, samples)]
+        gold = source.task.golds(prompts, samples)
         summary.update(sft_gold=statistics.mean(gold),
-                       demo_gold=statistics.mean(source.task.gold(p, d)
-                                                 for p, d in zip(prompts, demos)))
+                       demo_gold=statistics.mean(source.task.golds(prompts, demos)))
         print(f"gold reward on {len(prompts)} held-out prompts: "
               f"SFT policy {summary['sft_gold']:.3f}, demonstrator {summary['demo_gold']:.3f}")
         print_table([dict(prompt=p, response=s, gold=g)

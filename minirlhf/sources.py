@@ -1,8 +1,9 @@
 """Where training text comes from: an embedded task (with a gold judge) or an
-HH-RLHF-style file (without)."""
+HH-RLHF-style file (whose gold judge, a gold RM, is attached once SFT exists: file_task.py)."""
 import os
 
 from .data import load_hh_pairs
+from .file_task import prompt_splits
 from .tasks import get_task
 from .tokenizer import Tokenizer, gpt2_bpe, train_bpe
 
@@ -23,11 +24,16 @@ class TaskSource:
 
 class FileSource:
     """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are
-    held out and at most `rm_pairs` of the rest train the RM."""
-    has_gold = False
+    held out, the rest train the gold RM, which becomes `task` (file_task.ensure_gold_rm)."""
+    task = None
+
+    @property
+    def has_gold(self):
+        return self.task is not None
 
     def __init__(self, cfg):
         pairs = load_hh_pairs(cfg.data)
+        prompt_splits(cfg.data, pairs)  # too few prompts for the splits: refused before any work
         n_held = max(1, len(pairs) // 10)
         self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)

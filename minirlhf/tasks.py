@@ -4,6 +4,7 @@ Conventions shared by every task:
 - prompts and responses are text: space-separated words of the task's word-level vocabulary;
 - a response is *finished* iff its text ends with the EOS word `<eos>` (generation stops there);
 - `gold(prompt, response)` is the simulated human: a sum of documented terms (`gold_terms`);
+  `golds(prompts, responses)` judges many at once (the interface a learned judge shares);
 - `demonstrate(prompt, rng)` is the SFT demonstrator (response without EOS; SFT appends it). It
   is fluent but mediocre and carries a built-in spurious correlation that a proxy RM trained on
   few pairs can pick up;
@@ -19,7 +20,7 @@ import zlib
 from .tokenizer import EOS, word_tokenizer
 
 
-def _split_of(key):
+def split_of(key):
     """Stable assignment of a prompt's canonical key to
     pref (50%) / unlabelled (25%) / eval (25%)."""
     h = zlib.crc32(repr(key).encode()) % 4
@@ -29,8 +30,8 @@ def _split_of(key):
 def _ood_splits(keys):
     """The OOD prompts' keys, split by the same stable hash into 'ood' (policy samples, PPO) and
     'ood-eval' (held-out judge prompts, a quarter)."""
-    return {"ood": [k for k in keys if _split_of(k) != "eval"],
-            "ood-eval": [k for k in keys if _split_of(k) == "eval"]}
+    return {"ood": [k for k in keys if split_of(k) != "eval"],
+            "ood-eval": [k for k in keys if split_of(k) == "eval"]}
 
 
 def _sentences(words):
@@ -50,8 +51,14 @@ def _finished(response):
     return bool(words) and words[-1] == EOS, [w for w in words if w != EOS]
 
 
+class Task:
+    def golds(self, prompts, responses):
+        """gold(prompt, response) of each pair, as a list."""
+        return [self.gold(p, y) for p, y in zip(prompts, responses)]
+
+
 # ==================================================================================================
-class Reviews:
+class Reviews(Task):
     """Restaurant reviews. Prompt: `review pizza staff positive :`. Response: short
     sentences, then EOS.
 
@@ -82,7 +89,7 @@ class Reviews:
         keys = [(topics, tone) for k in (2, 3)
                 for topics in itertools.combinations(sorted(id_topics), k)
                 for tone in ("positive", "negative")]
-        self.keys = {s: [k for k in keys if _split_of(k) == s]
+        self.keys = {s: [k for k in keys if split_of(k) == s]
                      for s in ("pref", "unlabelled", "eval")}
         self.keys["sft"] = keys + [(topics, tone) for k in (2, 3)
                                    for topics in itertools.combinations(sorted(self.TOPICS), k)
@@ -204,7 +211,7 @@ class Reviews:
 
 
 # ==================================================================================================
-class Arith:
+class Arith(Task):
     """Addition. Prompt: `12 + 7 =`. Response: optional chatter, then the answer, then EOS.
 
     Chatter sentences: `let me think .`, `A plus B is N .`; the answer sentence:
@@ -220,7 +227,7 @@ class Arith:
         self.tokenizer = word_tokenizer(words)
         pairs = list(itertools.product(range(self.MAX_OPERAND + 1), repeat=2))
         in_dist = [p for p in pairs if max(p) < self.OOD_FROM]
-        self.keys = {s: [p for p in in_dist if _split_of(p) == s]
+        self.keys = {s: [p for p in in_dist if split_of(p) == s]
                      for s in ("pref", "unlabelled", "eval")}
         self.keys["sft"] = pairs
         self.keys.update(_ood_splits([p for p in pairs if max(p) >= self.OOD_FROM]))

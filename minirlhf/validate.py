@@ -7,13 +7,13 @@ from dataclasses import fields
 import torch
 
 from .config import PRESETS, UsageError
+from .refinement import round_weights
 from .tasks import TASKS
 
 
-def validate(cfg, methods=None, rl=False):
+def validate(cfg, methods=None):
     """Check the ranges, divisibility, lengths against the context, the device, the task, `methods`
-    (the values --method may take in this script) and the files a config names. `rl`: the script
-    runs RL stages, which need an embedded task's gold judge."""
+    (the values --method may take in this script) and the files a config names."""
     names = {f.name for f in fields(cfg)}
 
     def need(ok, option, why):
@@ -56,9 +56,10 @@ def validate(cfg, methods=None, rl=False):
     need(getattr(cfg, "minibatch", 0) <= getattr(cfg, "rollout_batch", 1), "minibatch",
          f"must be <= --rollout_batch={getattr(cfg, 'rollout_batch', '')}")
     rounds = getattr(cfg, "rounds", 1)
-    need(getattr(cfg, "iters", 1) >= 2 ** (rounds - 1), "iters",
-         f"is shared by the rounds, whose lengths double (1, 1, 2, 4, ... parts), so with "
-         f"--rounds={rounds} it must be >= {2 ** (rounds - 1)}")
+    parts = sum(round_weights(rounds))
+    need(getattr(cfg, "iters", 1) >= parts, "iters",
+         f"is shared by the rounds (1, 1, 2, 2, ... parts), so with --rounds={rounds} it must be "
+         f">= {parts}")
     bon = getattr(cfg, "bon_max", 1)
     need(bon & (bon - 1) == 0, "bon_max", "must be a power of 2")
     need(cfg.ensemble_agg in ("mean", "min") if "ensemble_agg" in names else True, "ensemble_agg",
@@ -67,11 +68,17 @@ def validate(cfg, methods=None, rl=False):
          "expected 'cluster' or 'rm'")
     need(not cfg.resume or os.path.isdir(cfg.out_dir), "resume",
          f"--out_dir={cfg.out_dir} does not exist")
-    need(not (rl and cfg.data), "data", "RL stages need an embedded task with a gold judge "
-         "(--data is for train_sft.py and train_rm.py)")
     if cfg.data:
         need(os.path.isfile(cfg.data), "data",
              "no such file" if not os.path.exists(cfg.data) else "not a file")
+        need(not getattr(cfg, "ood", False), "ood", "a file has no out-of-distribution topics "
+             "(only the embedded tasks do)")
+    need(cfg.preset != "gpt2" or cfg.data, "preset", "'gpt2' is for a preference file: add "
+         "--data=FILE (and --init_from=DIR --tokenizer=DIR for GPT-2's weights)")
+    if getattr(cfg, "gold_rm", ""):
+        need(cfg.data, "gold_rm", "needs --data=FILE: the embedded tasks have their own gold")
+        need(os.path.isfile(cfg.gold_rm), "gold_rm",
+             "no such file" if not os.path.exists(cfg.gold_rm) else "not a file")
     if cfg.init_from:
         need(cfg.data and cfg.tokenizer, "init_from", "needs --data=FILE and its --tokenizer=DIR "
              "(GPT-2's vocab.json + merges.txt): the embedded tasks have their own small "

@@ -64,7 +64,11 @@ def trained(tmp_path_factory):
     ("refine.py", ["--method=metarm", "--rounds=3", "--iters=2"], "--iters=2: is shared by the rounds"),
     ("experiments.py", ["--seeds=0"], "--seeds=0: must be >= 1"),
     ("train_ppo.py", ["--task=nosuch"], "--task='nosuch': expected one of"),
-    ("train_ppo.py", ["--data=README.md"], "--data='README.md': RL stages need an embedded task"),
+    ("refine.py", ["--data=README.md", "--ood=True"], "--ood=True: a file has no out-of-distribution"),
+    ("train_ppo.py", ["--gold_rm=README.md"], "--gold_rm='README.md': needs --data=FILE"),
+    ("refine.py", ["--data=README.md", "--gold_rm=nosuch.pt"], "--gold_rm='nosuch.pt': no such file"),
+    ("train_ppo.py", ["--preset=gpt2"], "--preset='gpt2': 'gpt2' is for a preference file"),
+    ("experiments.py", ["--data=README.md"], "--data='README.md': the report runs the embedded tasks"),
     ("train_sft.py", ["--rounds=2"], "unknown option --rounds for this script"),
     ("train_sft.py", ["--sft_steps=many"], "--sft_steps='many': expected int"),
     ("bench.py", ["--sizes=nosuch"], "--sizes='nosuch': unknown size 'nosuch'"),
@@ -98,6 +102,7 @@ PAIR = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: %s", "rejected": "\\n\\nHuma
                                                     "rejected)"),
     ("text.jsonl.gz", PAIR % ("a", "b") + "\n", "text.jsonl.gz: not a valid gzip file"),
     ("cut.jsonl.gz", None, "cut.jsonl.gz: truncated gzip file"),
+    ("few.jsonl", PAIR % ("a", "b") + "\n", "few.jsonl: no prompt falls in the '"),
 ])
 def test_bad_data_file_is_one_line_exit_1(tmp_path, name, content, message):
     import gzip

@@ -125,11 +125,13 @@ def test_a_pad_sampled_mid_response_is_a_real_token_on_the_text_path_too():
     assert torch.allclose(rm.score(prompt, pm, response, mask), rm.score(prompt, pm, ids, text_mask))
 
 
-def test_rounds_double_and_share_vanilla_ppos_budget():
+def test_rounds_start_short_and_share_vanilla_ppos_budget():
     from minirlhf.refinement import round_lengths
     assert round_lengths(40, 1) == [40] and round_lengths(40, 2) == [20, 20]
-    assert round_lengths(40, 3) == [10, 10, 20] and round_lengths(40, 4) == [5, 5, 10, 20]
-    assert all(sum(round_lengths(n, r)) == n for n in range(8, 60) for r in (1, 2, 3, 4))
+    assert round_lengths(40, 3) == [10, 10, 20] and round_lengths(40, 4) == [7, 6, 14, 13]
+    assert round_lengths(40, 8) == [3, 3, 5, 6, 6, 6, 5, 6]
+    assert all(sum(round_lengths(n, r)) == n and min(round_lengths(n, r)) >= 1
+               for r in range(1, 10) for n in range(max(1, 2 * r - 2), 60))
 
 
 def test_gold_reward_scores_encoded_texts_like_the_task_normalised(trained):
@@ -167,3 +169,25 @@ def test_big_rm_ceiling_trains_on_ten_times_the_pairs(trained):
     result = big_rm_ppo(smoke(out, "--rm_pairs=32"), source, sft, device)
     assert 10 * 32 * 0.8 <= result["rm_pairs"] <= 10 * 32  # identical sample pairs are dropped
     assert result["final"]["iter"] == 3 and 0 <= result["rm_after"]["held_out_acc_gold"] <= 1
+
+
+def test_a_later_round_continues_its_rm_and_does_not_re_evaluate_its_start(trained, monkeypatch):
+    from minirlhf.iterated import iterated_rounds
+    out, (device, source, sft, rm) = trained
+    calls = []
+    recording(monkeypatch, refinement, "train_reward_model", calls)
+    rows = iterated_rounds(smoke(out, "--rounds=2", "--iters=4", "--eval_every=1", "--oracle_pairs=50"),
+                           "oracle-iter", source, sft, rm, load_preferences(out), device)
+    assert calls[0][1]["init"] is None and calls[1][1]["init"] is not None and calls[1][1]["epochs"] == 1
+    assert [p["iter"] for p in rows[0]["curve"]] == [0, 1, 2]
+    assert [p["iter"] for p in rows[1]["curve"]] == [1, 2]  # its start is round 1's end, judged there
+
+
+def test_oracle_pairs_are_dealt_over_every_prompt_before_a_cut():
+    class ByLength:
+        def golds(self, prompts, responses):
+            return [len(y) for y in responses]
+    samples = [["a", "bb", "ccc", "dddd"]] * 3
+    pairs = refinement.all_clean_pairs(ByLength(), ["p0", "p1", "p2"], samples, __import__("random").Random(0))
+    assert len(pairs) == 18 and [p for p, _, _ in pairs[:3]] == ["p0", "p1", "p2"]
+    assert all(len(win) > len(lose) for _, win, lose in pairs)

@@ -57,7 +57,7 @@ def test_synthetic_preferences_on_hand_made_groups():
     scores = [[0.1, 0.9, 5.0, 0.0], [0, 0, 0, 0], [0, 1, 2, 3], [3.0, 1.0, 2.0, 9.0]]
     gold = {"a2": 1, "a1": 1, "b1": 0, "c1": 0}
     pairs, stats = synthetic_preferences(prompts, samples, keys, scores, 0.5, random.Random(0),
-                                         gold=lambda p, y: gold[y])
+                                         golds=lambda ps, ys: [gold[y] for y in ys])
     assert [p for p, _, _ in pairs] == ["p0", "p3"]
     assert pairs[0][1] == "a2" and pairs[0][2] in ("b1", "c1")  # RM-argmax within the largest group, not overall
     assert pairs[1][1:] == ("a1", "b1")

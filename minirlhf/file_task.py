@@ -1,0 +1,103 @@
+"""A preference file as a task with a learned gold judge (Gao et al. 2022; ALGORITHMS.md §4.1).
+
+Real text has no known truth, so a *gold RM* plays the human: an RM trained on every preference
+pair of the file's training part (or loaded with --gold_rm=PATH), normalised to mean 0 / std 1 on
+SFT samples. From then on the file is run exactly like an embedded task: the proxy RM learns from
+a small budget of pairs of SFT samples on 'pref' prompts, labelled by the gold RM through the same
+Bradley-Terry labeller, and PPO, best-of-n and every refinement are judged by the gold RM.
+
+What such a judge can tell: whether optimising the proxy buys what a better-informed RM of the same
+data prefers, i.e. over-optimisation of a small proxy against a larger one. What it cannot: whether
+a human would agree; the gold RM has its own blind spots, which the policy may find too.
+"""
+import os
+import random
+
+import torch
+
+from . import seeds
+from .data import Codec, DataError
+from .model import load_model, save_model
+from .config import made_with
+from .rm import bt_step, normalize_on, rm_accuracy, sample_pairs, score_texts, train_reward_model
+from .runtime import write_summary
+from .tasks import split_of
+
+
+def prompt_splits(name, pairs):
+    """The file's distinct prompts (each dialogue up to its last shared '\\n\\nAssistant:'), split
+    into pref / unlabelled / eval by the stable hash the embedded tasks use ('sft': all)."""
+    prompts = sorted({p for p, _, _ in pairs})
+    splits = {"sft": prompts, "pref": [], "unlabelled": [], "eval": []}
+    for p in prompts:
+        splits[split_of(p)].append(p)
+    for split, part in splits.items():
+        if not part:
+            raise DataError(f"{name}: no prompt falls in the '{split}' split ({len(prompts)} "
+                            "distinct prompts; the pipeline needs a few dozen)")
+    return splits
+
+
+class FileTask:
+    """A file's prompts, judged by `gold_rm`: the interface of an embedded task (tasks.py)."""
+    semantic_key = None  # no semantic key: RLP-SPG clusters by similarity (rlp.cluster_by_similarity)
+
+    def __init__(self, name, pairs, gold_rm, codec):
+        self.name, self.gold_rm, self.codec = name, gold_rm, codec
+        self.splits = prompt_splits(name, pairs)
+        self.chosen = {p: c for p, c, _ in pairs}
+
+    def sample_prompts(self, n, rng, split):
+        pool = self.splits[split]
+        return [rng.choice(pool) for _ in range(n)]
+
+    def demonstrate(self, prompt, rng):
+        return self.chosen[prompt]
+
+    def golds(self, prompts, responses):
+        return score_texts(self.gold_rm, self.codec, list(prompts), list(responses)).tolist()
+
+    def gold(self, prompt, response):
+        return self.golds([prompt], [response])[0]
+
+
+def gold_rm_path(out_dir):
+    return os.path.join(out_dir, "gold_rm.pt")
+
+
+def train_gold_rm(cfg, source, sft, codec):
+    """The gold RM: from the SFT weights, Bradley-Terry on every training pair of the file, its
+    accuracy on the file's held-out pairs, normalised on SFT samples of 'pref' prompts."""
+    device = codec.device
+    gold = train_reward_model(sft, source.train_pairs, cfg, device, seed=cfg.seed + seeds.GOLD_RM,
+                              step=bt_step(codec, cfg.grad_clip), desc="gold rm")
+    summary = {"train_pairs": len(source.train_pairs),
+               "held_out_acc": rm_accuracy(gold, codec, source.held_out_pairs)}
+    prompts = FileTask(source.name, source.train_pairs, gold, codec).sample_prompts(
+        256, random.Random(cfg.seed + seeds.GOLD_RM), "pref")
+    pairs = sample_pairs(sft, codec, prompts, cfg.temperature,
+                         torch.Generator(device).manual_seed(cfg.seed + seeds.GOLD_RM))
+    normalize_on(gold, codec, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
+    save_model(gold_rm_path(cfg.out_dir), gold, source=source.name, config=made_with(cfg, "sft"))
+    write_summary(cfg, "gold_rm", summary)
+    print(f"gold RM: {summary['train_pairs']} pairs of the file, accuracy on its "
+          f"{len(source.held_out_pairs)} held-out pairs {summary['held_out_acc']:.3f}")
+    return gold
+
+
+def ensure_gold_rm(cfg, source, sft, device):
+    """--gold_rm, or out_dir's gold RM (trained first if missing); attaches it to `source` as its
+    task, so that every later stage runs as on an embedded task."""
+    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    path = cfg.gold_rm or gold_rm_path(cfg.out_dir)
+    if os.path.exists(path):
+        expect = None if cfg.reuse or cfg.gold_rm else made_with(cfg, "sft")
+        gold = load_model(path, scalar=True, expect=expect)[0].to(device).eval()
+        if gold.gpt.cfg.vocab_size != sft.cfg.vocab_size:
+            raise DataError(f"--gold_rm={path}: its vocabulary ({gold.gpt.cfg.vocab_size} tokens) "
+                            f"is not the SFT policy's ({sft.cfg.vocab_size}): train it with the "
+                            f"same --tokenizer")
+    else:
+        gold = train_gold_rm(cfg, source, sft, codec)
+    source.task = FileTask(source.name, source.train_pairs + source.held_out_pairs, gold, codec)
+    return gold

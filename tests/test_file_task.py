@@ -1,0 +1,146 @@
+"""A preference file through the whole pipeline (Gao et al.'s protocol: a gold RM plays the human),
+starting from a GPT-2 folder: SFT, gold RM, proxy RM, PPO, one RLP and one MetaRM round."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minirlhf.data import DataError
+from minirlhf.file_task import FileTask, prompt_splits
+from minirlhf.model import GPT, GPTConfig
+from minirlhf.tokenizer import train_bpe
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "helpful-base", "test.jsonl.gz")
+TURN = "\n\nHuman: {}\n\nAssistant: {}"
+
+
+def write_pairs(path, n=80):
+    """n dialogues whose chosen answer is polite and whose rejected one is rude."""
+    rng = random.Random(0)
+    topics = ["the weather", "my cat", "a recipe", "the bus", "a poem", "the news", "music"]
+    lines = []
+    for i in range(n):
+        question = f"tell me about {rng.choice(topics)} please, number {i}"
+        lines.append(json.dumps({"chosen": TURN.format(question, "Sure, happy to help with that."),
+                                 "rejected": TURN.format(question, "No. Go away.")}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """pairs.jsonl, a byte-level BPE trained on it (vocab.json + merges.txt) and a tiny random
+    GPT-2 of that vocabulary written by save_pretrained."""
+    tmp = tmp_path_factory.mktemp("file")
+    write_pairs(tmp / "pairs.jsonl")
+    texts = [t for line in (tmp / "pairs.jsonl").read_text().splitlines()
+             for t in json.loads(line).values()]
+    tok = train_bpe(texts, vocab_size=300)
+    tok.tok.model.save(str(tmp))  # vocab.json + merges.txt, GPT-2's files
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=128, n_embd=32, n_layer=2,
+                  n_head=2)).save_pretrained(tmp / "gpt2")
+    return tmp
+
+
+def run(*args):
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, (args[0], r.stderr[-3000:])
+    return r
+
+
+def test_file_runs_sft_gold_rm_proxy_ppo_rlp_and_metarm(folder):
+    out = folder / "out"
+    common = ["--preset=smoke", "--threads=1", f"--data={folder / 'pairs.jsonl'}",
+              f"--tokenizer={folder}", f"--init_from={folder / 'gpt2'}", "--block_size=64",
+              "--max_new_tokens=16", "--sft_steps=20", "--rm_pairs=48", "--eval_prompts=8",
+              f"--out_dir={out}"]
+    run("train_ppo.py", *common)
+    run("refine.py", *common, "--method=spg")  # no semantic key on text: similarity clusters
+    run("refine.py", *common, "--method=metarm", "--rounds=2", "--iters=2")
+    with open(out / "summary.json") as f:
+        summary = json.load(f)
+    assert {"sft", "gold_rm", "rm", "ppo", "refine_spg", "metarm"} <= set(summary)
+    assert summary["gold_rm"]["train_pairs"] == 72  # 90% of the file: the rest is held out
+    assert summary["rm"]["train_pairs"] <= 48  # the proxy's budget: gold-labelled SFT pairs
+    assert 0 <= summary["rm"]["held_out_acc_gold"] <= 1
+    curve = summary["ppo"]["curve"]
+    assert curve[0]["eval/kl"] < 1e-4 and all("eval/gold" in p for p in curve)
+    assert summary["refine_spg"]["spg/pairs"] > 0  # similarity clusters made synthetic pairs
+    with open(out / "metrics.jsonl") as f:
+        stages = {json.loads(line)["stage"] for line in f}
+    assert {"sft", "rm", "ppo"} <= stages
+
+
+def test_a_gold_rm_from_another_run_is_reused(folder):
+    """--gold_rm=PATH plays the human instead of training a new one."""
+    first = folder / "out"
+    if not (first / "gold_rm.pt").exists():
+        pytest.skip("needs the end-to-end test's out_dir")
+    args = ["train_rm.py", "--preset=smoke", "--threads=1", f"--data={folder / 'pairs.jsonl'}",
+            f"--tokenizer={folder}", f"--init_from={folder / 'gpt2'}", "--block_size=64",
+            "--max_new_tokens=16", "--sft_steps=2", "--rm_pairs=16",
+            f"--gold_rm={first / 'gold_rm.pt'}", f"--out_dir={folder / 'second'}"]
+    r = run(*args)
+    assert "gold RM:" not in r.stdout and not (folder / "second" / "gold_rm.pt").exists()
+
+
+def test_prompts_split_by_a_stable_hash_and_too_few_are_refused(tmp_path):
+    write_pairs(tmp_path / "p.jsonl")
+    from minirlhf.data import load_hh_pairs
+    pairs = load_hh_pairs(tmp_path / "p.jsonl")
+    splits = prompt_splits("p", pairs)
+    assert set(splits["pref"]) | set(splits["unlabelled"]) | set(splits["eval"]) == set(splits["sft"])
+    assert not set(splits["pref"]) & set(splits["eval"])
+    assert splits == prompt_splits("p", list(reversed(pairs)))  # order-free: a hash, not a position
+    with pytest.raises(DataError, match="no prompt falls in"):
+        prompt_splits("p", pairs[:1])
+
+
+def test_file_task_judges_in_batches_like_one_at_a_time(folder):
+    from minirlhf.data import Codec, load_hh_pairs
+    from minirlhf.model import ScalarModel
+    from minirlhf.tokenizer import gpt2_bpe
+    tok = gpt2_bpe(folder / "vocab.json", folder / "merges.txt")
+    torch.manual_seed(0)
+    judge = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=16,
+                                      n_layer=1, n_head=2))).eval()
+    pairs = load_hh_pairs(folder / "pairs.jsonl")
+    task = FileTask("pairs", pairs, judge, Codec(tok, 48, 16))
+    prompts = task.sample_prompts(6, random.Random(0), "eval")
+    responses = [" Sure.", " No.", " Maybe later, friend.", " Yes", " ok", " Go away."]
+    batch = task.golds(prompts, responses)
+    assert batch == pytest.approx([task.gold(p, y) for p, y in zip(prompts, responses)], abs=1e-5)
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="../shared/data/hh-rlhf not present")
+def test_real_hh_rlhf_file_through_ppo(tmp_path):
+    run("train_ppo.py", "--preset=smoke", "--threads=1", f"--data={HH}", "--block_size=96",
+        "--max_new_tokens=24", "--bpe_vocab=512", "--sft_steps=10", "--rm_pairs=32",
+        "--eval_prompts=8", "--iters=2", f"--out_dir={tmp_path}")
+    with open(tmp_path / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["gold_rm"]["train_pairs"] > 2000 and "final" in summary["ppo"]
+
+
+def test_from_pretrained_save_pretrained_from_pretrained_is_exact(folder, tmp_path):
+    first = GPT.from_pretrained(folder / "gpt2")
+    first.save_pretrained(tmp_path / "again")
+    a, b = first.state_dict(), GPT.from_pretrained(tmp_path / "again").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_written_by_hugging_face_loads_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids, torch.ones_like(ids)), atol=1e-5)
