@@ -119,7 +119,7 @@ def test_evaluation_uses_both_samples_of_each_prompt(monkeypatch):
     monkeypatch.setattr(ev, "rollout_texts", lambda *args: next(draws))
 
     class Task:  # gold = the response's length
-        gold = staticmethod(lambda prompt, response: float(len(response)))
+        golds = staticmethod(lambda prompts, responses: [float(len(y)) for y in responses])
     out = ev.evaluate(None, None, None, Task(), None, ["p", "q"], np.array([2.5, 4.5]), 1.0, None)
     assert out["eval/gold"] == (2 + 3 + 4 + 5) / 4 and out["gold_per_prompt"] == [3.0, 4.0]
     assert out["eval/proxy"] == 2.5 and out["eval/kl"] == 2.0 and out["eval/length"] == 3.5
