@@ -22,8 +22,8 @@ from minirlhf.validate import validate
 def check(cfg):
     validate(cfg)
     if cfg.data:
-        raise UsageError(f"--data={cfg.data!r}: the report runs the embedded tasks (cells are keyed "
-                         "by task); run train_ppo.py and refine.py on a file")
+        raise UsageError(f"--data={cfg.data!r}: the report runs the embedded tasks (cells are "
+                         "keyed by task); run train_ppo.py and refine.py on a file")
     unknown = [m for m in cfg.methods.split(",") if m not in METHODS] if cfg.methods else []
     if unknown:
         raise UsageError(f"--methods={cfg.methods!r}: unknown method {unknown[0]!r}, expected some "

@@ -39,20 +39,17 @@ def prompt_splits(name, pairs):
 
 
 class FileTask:
-    """A file's prompts, judged by `gold_rm`: the interface of an embedded task (tasks.py)."""
-    semantic_key = None  # no semantic key: RLP-SPG clusters by similarity (rlp.cluster_by_similarity)
+    """A file's prompts (`prompt_splits`), judged by `gold_rm`: the interface of an embedded task
+    (tasks.py) that the RL stages use. SFT needs no demonstrator: it imitates the file's chosen
+    responses (sources.FileSource)."""
+    semantic_key = None  # no key on free text: RLP-SPG clusters by similarity instead
 
-    def __init__(self, name, pairs, gold_rm, codec):
-        self.name, self.gold_rm, self.codec = name, gold_rm, codec
-        self.splits = prompt_splits(name, pairs)
-        self.chosen = {p: c for p, c, _ in pairs}
+    def __init__(self, name, splits, gold_rm, codec):
+        self.name, self.splits, self.gold_rm, self.codec = name, splits, gold_rm, codec
 
     def sample_prompts(self, n, rng, split):
         pool = self.splits[split]
         return [rng.choice(pool) for _ in range(n)]
-
-    def demonstrate(self, prompt, rng):
-        return self.chosen[prompt]
 
     def golds(self, prompts, responses):
         return score_texts(self.gold_rm, self.codec, list(prompts), list(responses)).tolist()
@@ -73,7 +70,7 @@ def train_gold_rm(cfg, source, sft, codec):
                               step=bt_step(codec, cfg.grad_clip), desc="gold rm")
     summary = {"train_pairs": len(source.train_pairs),
                "held_out_acc": rm_accuracy(gold, codec, source.held_out_pairs)}
-    prompts = FileTask(source.name, source.train_pairs, gold, codec).sample_prompts(
+    prompts = FileTask(source.name, source.splits, gold, codec).sample_prompts(
         256, random.Random(cfg.seed + seeds.GOLD_RM), "pref")
     pairs = sample_pairs(sft, codec, prompts, cfg.temperature,
                          torch.Generator(device).manual_seed(cfg.seed + seeds.GOLD_RM))
@@ -99,5 +96,5 @@ def ensure_gold_rm(cfg, source, sft, device):
                             f"same --tokenizer")
     else:
         gold = train_gold_rm(cfg, source, sft, codec)
-    source.task = FileTask(source.name, source.train_pairs + source.held_out_pairs, gold, codec)
+    source.task = FileTask(source.name, source.splits, gold, codec)
     return gold

@@ -2,11 +2,12 @@
 (ALGORITHMS.md §2.3).
 
 Iterated mode (`refine.py --method=oracle-iter`, `control-iter`, `uml-iter`, `spg-iter`,
-`uml+spg-iter`): R rounds, each sampling the *current* policy, refining the RM from the SFT weights
-with the method, normalising it, and continuing PPO; the rounds share vanilla PPO's budget, like
-MetaRM's. `oracle-iter` adds every distinct pair of the current policy's samples with clean gold
-labels, accumulating over rounds: the upper bound of any method that refines on policy samples.
-`control-iter` runs the same rounds retraining on D only.
+`uml+spg-iter`): R rounds, each sampling the *current* policy, refining the RM with the method
+(round 1 from the SFT weights, later rounds continuing the previous round's RM), normalising it,
+and continuing PPO; the rounds share vanilla PPO's budget, like MetaRM's. `oracle-iter` adds
+every distinct pair of the current policy's samples with clean gold labels, accumulating over
+rounds: the upper bound of any method that refines on policy samples. `control-iter` runs the same
+rounds retraining on D only.
 
 Ceilings: `gold-ppo`, PPO on the gold reward itself, normalised like an RM: what the optimiser can
 reach when the RM is no bottleneck; `big-rm`, PPO on a proxy trained on 10x the preference pairs

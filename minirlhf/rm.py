@@ -3,9 +3,9 @@
 
 The pairs are two SFT samples per 'pref' prompt, labelled by the simulated annotator (the gold
 reward through a Bradley-Terry labeller); on a file the gold reward is the gold RM trained on the
-file's own pairs (file_task.py). The RM starts from the SFT weights, learns with the Bradley-Terry loss, and is normalised
-to mean 0 / std 1 on SFT samples. Writes out_dir/rm.pt (ensemble members 1.. as rm_1.pt, ...)
-and preferences.json.
+file's own pairs (file_task.py). The RM starts from the SFT weights, learns with the Bradley-Terry
+loss, and is normalised to mean 0 / std 1 on SFT samples. Writes out_dir/rm.pt (ensemble members
+1.. as rm_1.pt, ...) and preferences.json.
 """
 import copy
 import json

@@ -33,7 +33,8 @@ class FileSource:
 
     def __init__(self, cfg):
         pairs = load_hh_pairs(cfg.data)
-        prompt_splits(cfg.data, pairs)  # too few prompts for the splits: refused before any work
+        # too few prompts for the splits: refused here, before any work
+        self.splits = prompt_splits(cfg.data, pairs)
         n_held = max(1, len(pairs) // 10)
         self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)

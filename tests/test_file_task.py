@@ -110,7 +110,7 @@ def test_file_task_judges_in_batches_like_one_at_a_time(folder):
     judge = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=16,
                                       n_layer=1, n_head=2))).eval()
     pairs = load_hh_pairs(folder / "pairs.jsonl")
-    task = FileTask("pairs", pairs, judge, Codec(tok, 48, 16))
+    task = FileTask("pairs", prompt_splits("pairs", pairs), judge, Codec(tok, 48, 16))
     prompts = task.sample_prompts(6, random.Random(0), "eval")
     responses = [" Sure.", " No.", " Maybe later, friend.", " Yes", " ok", " Go away."]
     batch = task.golds(prompts, responses)
