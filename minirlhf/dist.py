@@ -7,6 +7,7 @@ and gradients are summed across ranks, so a step equals the single-process step 
 batch. Only rank 0 writes files. Without torchrun (no RANK in the environment) every function here
 is a no-op on a single process.
 """
+import atexit
 import os
 import sys
 
@@ -17,6 +18,9 @@ import torch.distributed as dist
 def init(device):
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Left to interpreter shutdown, gloo's worker threads can be torn down unjoined
+        # ("terminate called without an active exception", SIGABRT after a finished run).
+        atexit.register(dist.destroy_process_group)
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if not is_main():
