@@ -153,6 +153,29 @@ def paired_lines(per_seed, names):
     return lines
 
 
+def bon_lines(per_seed, names, bon):
+    """report.md's RL-vs-best-of-n section: each trajectory's gold at best-of-n's KL for n >= 4,
+    minus best-of-n's gold on the same seed (paired; Gao et al. find RL less KL-efficient)."""
+    rows = next(iter(bon.values()))["curve"]
+    ns = [i for i, row in enumerate(rows) if row["n"] >= 4]
+    lines = ["", "## Each policy minus best-of-n at best-of-n's KL (paired over seeds)", "",
+             "Gold interpolated along the run at KL(best-of-n) = log n - (n-1)/n, minus the "
+             "best-of-n gold of the same seed: mean ± 95% CI (seeds better / seeds reaching "
+             "that KL).", "",
+             "| policy | " + " | ".join(f"n={rows[i]['n']} (KL {rows[i]['kl']:.2f})" for i in ns)
+             + " |", "|---" * (len(ns) + 1) + "|"]
+    for name in trajectories(names):
+        cols = []
+        for i in ns:
+            d = [gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) - bon[s]["curve"][i]["gold"]
+                 for s, summ in per_seed[name].items()
+                 if s in bon and gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) is not None]
+            cols.append(f"{fmt(*mean_ci(d), len(d))} ({sum(x > 0 for x in d)}/{len(d)})"
+                        if d else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+    return lines
+
+
 def policies(cell, method):
     """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round
     (none if not run yet)."""
@@ -227,6 +250,7 @@ def write_report(cfg, results, methods):
             proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
             lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
                          f"{fmt(*mean_ci(gold), len(bon))} |")
+        lines += bon_lines(per_seed, names, bon)
     lines += ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO "
               "(per prompt, mean over seeds)", "", "| policy | vs SFT | vs vanilla PPO |",
               "|---|---|---|"]

@@ -91,3 +91,14 @@ def test_primary_endpoints_and_the_paired_analysis():
     assert sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8  # only all-plus and all-minus are as extreme
     assert sign_flip_p([1.0, -1.0]) == 1.0
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_policy_minus_best_of_n_at_its_kl():
+    from minirlhf.report import bon_lines
+    bon = {s: {"curve": [{"n": n, "kl": kl, "gold": g} for n, kl, g in
+                         ((2, 0.19, 0.0), (4, 0.64, 1.0), (8, 1.2, 2.0))]} for s in ("seed0", "seed1")}
+    up = [{"eval/kl": 0.0, "eval/gold": 0.0}, {"eval/kl": 1.0, "eval/gold": 2.0}]  # gold 2·KL, stops at KL 1
+    per_seed = {"ppo": {"seed0": {"curve": up}, "seed1": {"curve": up}}}
+    row = bon_lines(per_seed, ["ppo"], bon)[-1]
+    # n=4: 2·0.64 - 1.0 = +0.28 on both seeds; n=8 (KL 1.2) is beyond the run; n=2 is not shown
+    assert row == "| ppo | 0.280 ± 0.000 (2/2) | n/a |"
