@@ -45,11 +45,11 @@ def atomic_write_json(obj, path):
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
-def load(path, expect=None):
+def load(path, expect=None, fields=()):
     """torch.load with weights_only=True: a checkpoint that would run code is refused, never
-    executed. Any file that is not a readable checkpoint is one error naming it. With `expect`
-    ({field: value}), a checkpoint that records other values for those fields is refused
-    (see `check_made_with`)."""
+    executed. Any file that is not a readable checkpoint, or lacks one of `fields`, is one error
+    naming it. With `expect` ({field: value}), a checkpoint that records other values for those
+    fields is refused (see `check_made_with`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
@@ -63,6 +63,10 @@ def load(path, expect=None):
     if not isinstance(ck, dict):
         raise ValueError(f"{path}: not a minirlhf checkpoint "
                          f"(expected a dict, got {type(ck).__name__})")
+    missing = [f for f in fields if f not in ck]
+    if missing:
+        raise ValueError(f"{path}: not the checkpoint this stage writes (no field "
+                         f"{', '.join(map(repr, missing))})")
     if expect is not None:
         check_made_with(path, ck.get("config"), expect)
     return ck

@@ -302,10 +302,7 @@ def save_model(path, model, **meta):
 def load_model(path, scalar=False, expect=None):
     """Rebuild the GPT (or ScalarModel with scalar=True) saved by save_model; a
     mismatch names the file."""
-    ck = load(path, expect)
-    if "model" not in ck or "gpt_config" not in ck:
-        raise ValueError(f"{path}: not a minirlhf model checkpoint "
-                         "(fields 'model' and 'gpt_config' needed)")
+    ck = load(path, expect, fields=("model", "gpt_config"))
     try:
         gpt = GPT(GPTConfig(**ck["gpt_config"]))
         model = ScalarModel(gpt) if scalar else gpt

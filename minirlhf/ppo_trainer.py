@@ -154,7 +154,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
     start, history = 0, []
     if cfg.resume and os.path.exists(ckpt_path):
-        ck = load(ckpt_path, expect=None if cfg.reuse else made_with(cfg, "ppo"))
+        ck = load(ckpt_path, expect=None if cfg.reuse else made_with(cfg, "ppo"),
+                  fields=("policy", "critic", "opt_pi", "opt_v", "kl_coef", "iter", "history"))
         policy.load_state_dict(ck["policy"])
         critic.load_state_dict(ck["critic"])
         opt_pi.load_state_dict(ck["opt_pi"])

@@ -174,8 +174,8 @@ def vanilla_policy(cfg, source, sft, rm, device):
     """The vanilla PPO policy pi_theta of out_dir (ppo.pt), trained first if missing or
     shorter than cfg.iters."""
     path = os.path.join(cfg.out_dir, "ppo.pt")
-    ck = (load(path, expect=None if cfg.reuse else made_with(cfg, "ppo")) if os.path.exists(path)
-          else None)
+    ck = (load(path, expect=None if cfg.reuse else made_with(cfg, "ppo"), fields=("policy", "iter"))
+          if os.path.exists(path) else None)
     if ck is None or ck["iter"] < cfg.iters:
         policy, history = train_ppo(cfg, source, sft, rm, device)
         write_summary(cfg, "ppo", summarize(history))

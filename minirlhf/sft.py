@@ -69,7 +69,7 @@ def train_sft(cfg, source, device):
                             betas=(0.9, 0.95))
     state_path, start = os.path.join(cfg.out_dir, "sft_state.pt"), 0
     if cfg.resume and os.path.exists(state_path):
-        state = load(state_path)
+        state = load(state_path, fields=("model", "opt", "step"))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]

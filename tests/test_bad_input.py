@@ -130,6 +130,15 @@ def test_damaged_checkpoint_is_one_line_naming_it(trained, tmp_path, name, damag
     assert line.startswith("error: ")
 
 
+def test_resuming_from_a_checkpoint_without_its_fields_is_one_line(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    torch.save({"policy": {}, "iter": 1}, out / "ppo.pt")  # e.g. another stage's or another tool's file
+    line = fails(["train_ppo.py", *SMOKE, "--resume=True"], 1,
+                 f"{out / 'ppo.pt'}: not the checkpoint this stage writes (no field 'critic', 'opt_pi'", out)
+    assert line.startswith("error: ")
+
+
 def test_reusing_a_checkpoint_made_with_other_settings_names_the_fields(trained, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained, out)
