@@ -127,10 +127,10 @@ def semantic_keys(task, rm, codec, prompts, samples):
     (a file: no key) a cluster id from the RM's final hidden states (rlp.cluster_by_similarity)."""
     if task.semantic_key is not None:
         return [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
-    scorer = rm.members[0]
-    return [cluster_by_similarity(scorer.score(*codec.batch([p] * len(ys), ys),
-                                               return_hidden=True)[1])
-            for p, ys in zip(prompts, samples)]
+    hidden = score_texts(rm.members[0], codec, [p for p, ys in zip(prompts, samples) for _ in ys],
+                         [y for ys in samples for y in ys], hidden=True)  # (N, C)
+    n = len(samples[0])
+    return [cluster_by_similarity(hidden[i * n:(i + 1) * n]) for i in range(len(prompts))]
 
 
 def all_clean_pairs(task, prompts, samples, rng):

@@ -43,10 +43,14 @@ def rm_accuracy(rm, codec, pairs, batch=256):
 
 
 @torch.no_grad()
-def score_texts(rm, codec, prompts, responses, batch=256):
-    """RM scores (N,) of (prompt, response) texts, `batch` at a time."""
-    return torch.cat([rm.score(*codec.batch(prompts[i:i + batch], responses[i:i + batch]))
-                      for i in range(0, len(prompts), batch)])
+def score_texts(rm, codec, prompts, responses, batch=256, hidden=False):
+    """RM scores (N,) of (prompt, response) texts, `batch` at a time; with `hidden`, the final
+    hidden states (N, C) the RM's head reads instead (a single RM, not an ensemble)."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        rows = codec.batch(prompts[i:i + batch], responses[i:i + batch])
+        out.append(rm.score(*rows, return_hidden=True)[1] if hidden else rm.score(*rows))
+    return torch.cat(out)
 
 
 def normalize_on(rm, codec, prompts, responses):

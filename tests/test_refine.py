@@ -74,6 +74,29 @@ def test_cluster_by_similarity():
     assert cluster_by_similarity(h, threshold=0.9) == [0, 0, 1, 1]
 
 
+
+def test_similarity_keys_batched_equal_one_prompt_at_a_time():
+    from types import SimpleNamespace
+    from minirlhf.data import Codec
+    from minirlhf.refinement import semantic_keys
+    from minirlhf.rm import score_texts
+    from minirlhf.tasks import get_task
+    tok = get_task("reviews").tokenizer
+    torch.manual_seed(0)
+    rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=48, n_embd=16, n_layer=1, n_head=2)))
+    codec, free_text = Codec(tok, 16, 24), SimpleNamespace(semantic_key=None)
+    prompts = ["review pizza staff positive :", "review soup negative :"]
+    samples = [["the pizza was great .", "the staff were rude !", "the pizza was great . <eos>"],
+               ["the soup was cold .", "bad .", "the soup was cold and the staff were rude ."]]
+    with torch.no_grad():
+        batched = score_texts(rm, codec, [p for p in prompts for _ in range(3)], sum(samples, []), hidden=True)
+        alone = torch.cat([rm.score(*codec.batch([p] * 3, ys), return_hidden=True)[1]
+                           for p, ys in zip(prompts, samples)])
+        keys = semantic_keys(free_text, rm, codec, prompts, samples)
+    assert batched.shape == (6, 16) and torch.allclose(batched, alone, atol=1e-5)
+    assert keys == [cluster_by_similarity(alone[i * 3:(i + 1) * 3]) for i in range(2)]
+
+
 # ---- MetaRM -----------------------------------------------------------------------------------------------------
 def test_difference_objective_by_hand_and_range():
     r = torch.tensor([[0.0, 1.0, 3.0]])
