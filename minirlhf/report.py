@@ -44,9 +44,11 @@ def gold_at_kl(history, target_kl, key="eval/gold"):
     return None
 
 
-def fmt(mean, half, n, digits=3):
-    """'mean ± half-width', or the bare value when there is one seed (no interval to show)."""
-    return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+def fmt(mean, half, n, digits=3, signed=False):
+    """'mean ± half-width', or the bare value when there is one seed (no interval to show); with
+    `signed`, a difference's sign is always shown (+0.5, not 0.5)."""
+    m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return f"{m} ± {half:.{digits}f}" if n > 1 else m
 
 
 # The pre-registered contrasts (README, "Pre-registered analysis"): (method, baseline)
@@ -148,7 +150,7 @@ def paired_lines(per_seed, names):
     for i, (name, endpoint, d, p) in enumerate(rows):
         better = f"{sum(x > 0 for x in d)}/{len(d)}"
         holm_p = f"{adjusted[i]:.3f}" if i in adjusted else "—"
-        lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d))} | {better} | {p:.3f} | "
+        lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d), signed=True)} | {better} | {p:.3f} | "
                      f"{holm_p} |")
     return lines
 
@@ -170,7 +172,7 @@ def bon_lines(per_seed, names, bon):
             d = [gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) - bon[s]["curve"][i]["gold"]
                  for s, summ in per_seed[name].items()
                  if s in bon and gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) is not None]
-            cols.append(f"{fmt(*mean_ci(d), len(d))} ({sum(x > 0 for x in d)}/{len(d)})"
+            cols.append(f"{fmt(*mean_ci(d), len(d), signed=True)} ({sum(x > 0 for x in d)}/{len(d)})"
                         if d else "n/a")
         lines.append(f"| {name} | " + " | ".join(cols) + " |")
     return lines

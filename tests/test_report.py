@@ -18,6 +18,7 @@ def test_mean_ci_by_hand():
     assert mean_ci([7.0]) == (7.0, 0.0)
     assert t95(12) == t95(10) and t95(200) == 1.96
     assert fmt(1.0, 0.5, 3) == "1.000 ± 0.500" and fmt(1.0, 0.0, 1) == "1.000"
+    assert fmt(0.25, 0.5, 3, signed=True) == "+0.250 ± 0.500" and fmt(-0.25, 0.0, 1, signed=True) == "-0.250"
 
 
 def test_gold_at_matched_kl_interpolates_first_crossing():
@@ -101,4 +102,4 @@ def test_policy_minus_best_of_n_at_its_kl():
     per_seed = {"ppo": {"seed0": {"curve": up}, "seed1": {"curve": up}}}
     row = bon_lines(per_seed, ["ppo"], bon)[-1]
     # n=4: 2·0.64 - 1.0 = +0.28 on both seeds; n=8 (KL 1.2) is beyond the run; n=2 is not shown
-    assert row == "| ppo | 0.280 ± 0.000 (2/2) | n/a |"
+    assert row == "| ppo | +0.280 ± 0.000 (2/2) | n/a |"
