@@ -60,12 +60,18 @@ def policy_samples(policy, codec, prompts, n, temperature, generator):
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+def per_prompt_outputs(rm, codec, prompts, samples, hidden=False):
+    """score_texts over every prompt's n samples in one batched pass, cut back into one chunk per
+    prompt: scores (n,), or with `hidden` the final hidden states (n, C)."""
+    out = score_texts(rm, codec, [p for p, ys in zip(prompts, samples) for _ in ys],
+                      [y for ys in samples for y in ys], hidden=hidden)
+    n = len(samples[0])
+    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
 def rm_scores(rm, codec, prompts, samples):
     """RM scores (per prompt, a list of n floats) of each prompt's samples."""
-    flat = score_texts(rm, codec, [p for p, ys in zip(prompts, samples) for _ in ys],
-                       [y for ys in samples for y in ys]).tolist()
-    n = len(samples[0])
-    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [s.tolist() for s in per_prompt_outputs(rm, codec, prompts, samples)]
 
 
 def policy_pairs(task, prompts, samples):
@@ -127,10 +133,8 @@ def semantic_keys(task, rm, codec, prompts, samples):
     (a file: no key) a cluster id from the RM's final hidden states (rlp.cluster_by_similarity)."""
     if task.semantic_key is not None:
         return [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
-    hidden = score_texts(rm.members[0], codec, [p for p, ys in zip(prompts, samples) for _ in ys],
-                         [y for ys in samples for y in ys], hidden=True)  # (N, C)
-    n = len(samples[0])
-    return [cluster_by_similarity(hidden[i * n:(i + 1) * n]) for i in range(len(prompts))]
+    return [cluster_by_similarity(h)  # h (n, C)
+            for h in per_prompt_outputs(rm.members[0], codec, prompts, samples, hidden=True)]
 
 
 def all_clean_pairs(task, prompts, samples, rng):

@@ -150,8 +150,8 @@ def paired_lines(per_seed, names):
     for i, (name, endpoint, d, p) in enumerate(rows):
         better = f"{sum(x > 0 for x in d)}/{len(d)}"
         holm_p = f"{adjusted[i]:.3f}" if i in adjusted else "—"
-        lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d), signed=True)} | {better} | {p:.3f} | "
-                     f"{holm_p} |")
+        lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d), signed=True)} | {better} "
+                     f"| {p:.3f} | {holm_p} |")
     return lines
 
 
@@ -166,14 +166,21 @@ def bon_lines(per_seed, names, bon):
              "that KL).", "",
              "| policy | " + " | ".join(f"n={rows[i]['n']} (KL {rows[i]['kl']:.2f})" for i in ns)
              + " |", "|---" * (len(ns) + 1) + "|"]
+
+    def minus_bon(name, i):  # one difference per seed whose run reaches best-of-n's i-th KL
+        d = []
+        for s, summ in per_seed[name].items():
+            gold = gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) if s in bon else None
+            if gold is not None:
+                d.append(gold - bon[s]["curve"][i]["gold"])
+        return d
+
     for name in trajectories(names):
         cols = []
         for i in ns:
-            d = [gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) - bon[s]["curve"][i]["gold"]
-                 for s, summ in per_seed[name].items()
-                 if s in bon and gold_at_kl(summ["curve"], bon[s]["curve"][i]["kl"]) is not None]
-            cols.append(f"{fmt(*mean_ci(d), len(d), signed=True)} ({sum(x > 0 for x in d)}/{len(d)})"
-                        if d else "n/a")
+            d = minus_bon(name, i)
+            better = f"{sum(x > 0 for x in d)}/{len(d)}"
+            cols.append(f"{fmt(*mean_ci(d), len(d), signed=True)} ({better})" if d else "n/a")
         lines.append(f"| {name} | " + " | ".join(cols) + " |")
     return lines
 

@@ -74,7 +74,6 @@ def test_cluster_by_similarity():
     assert cluster_by_similarity(h, threshold=0.9) == [0, 0, 1, 1]
 
 
-
 def test_similarity_keys_batched_equal_one_prompt_at_a_time():
     from types import SimpleNamespace
     from minirlhf.data import Codec
