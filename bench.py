@@ -37,12 +37,11 @@ def run(cfg):
     for name in cfg.sizes.split(","):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**SIZES[name])).to(device).eval()
-        if device.type == "cuda":
-            model = model.to(torch.bfloat16)
         gen_rows += bench_generation(name, model, device)
         train_rows += bench_training(name, SIZES[name], device, peak)
-    print("\n== generation (greedy, outputs checked equal) ==")
-    print_table(gen_rows, ["size", "generator", "batch", "new_tokens", "tokens/s", "ours_speedup"])
+    print("\n== generation (greedy outputs checked equal first) ==")
+    print_table(gen_rows, ["size", "generator", "mode", "batch", "new_tokens", "tokens/s",
+                           "ours_speedup"])
     print("\n== training throughput ==")
     print_table(train_rows, ["size", "stage", "batch x T", "tokens/s", "MFU"])
     print(f"\n== one PPO iteration ({cfg.preset} preset's shapes) ==")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import encode_prompts
-from .generate import generate, generate_no_cache, left_pad
+from .generate import generate, generate_no_cache, left_pad, sequence_logprobs
 from .model import GPT, GPTConfig, ScalarModel
 from .runtime import adamw
 from .ppo_trainer import ppo_update, rollout
@@ -25,6 +25,7 @@ SIZES = {"default": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=64, n_posit
 # (batch, prompt length, new tokens) per size: GPT-2-small is cut down so the CPU bench
 # stays within minutes
 GEN_SHAPE = {"default": (64, 8, 40), "gpt2-small": (16, 16, 24)}
+GEN_SHAPE_CUDA = {"default": (256, 8, 40), "gpt2-small": (64, 32, 128)}
 
 
 def sync(device):
@@ -56,50 +57,96 @@ def interleaved(fns, device, repeat):
 
 
 def hf_model(model):
-    """The very same weights in transformers' GPT2LMHeadModel, or None without transformers."""
+    """The very same weights (and dtype) in transformers' GPT2LMHeadModel, or None without
+    transformers."""
     try:
         from transformers import GPT2LMHeadModel
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        return GPT2LMHeadModel.from_pretrained(d).to(next(model.parameters()).device).eval()
+        p = next(model.parameters())
+        return GPT2LMHeadModel.from_pretrained(d).to(p.device, p.dtype).eval()
 
 
 def bench_generation(name, model, device):
-    B, P, N = GEN_SHAPE[name]
+    """First every path is checked against the plain one; then timed: on CPU greedy decoding in
+    fp32; on CUDA sampling (temperature 1, top-k 0) in bf16, the CUDA-graph decode beside the eager
+    one, each against HF generate on the same weights."""
+    B, P, N = (GEN_SHAPE if device.type == "cpu" else GEN_SHAPE_CUDA)[name]
     g = torch.Generator().manual_seed(0)
     rows = [[int(t) for t in torch.randint(4, model.cfg.vocab_size, (P - (i % 4),), generator=g)]
             for i in range(B)]
     prompt, pm = left_pad(rows, pad_id=0, device=device)
     eos = 2  # random weights rarely emit it: every path generates all N tokens
+    hf = hf_model(model)
 
     def ours():
         return generate(model, prompt, pm, N, eos, 0, greedy=True, stop_early=False)[0]
 
+    def hf_generate(sample=False):
+        with torch.no_grad():
+            return hf.generate(input_ids=prompt, attention_mask=pm, max_new_tokens=N,
+                               min_new_tokens=N, do_sample=sample, top_k=0 if sample else None,
+                               pad_token_id=0, eos_token_id=None)[:, P:]
+    if device.type == "cpu":
+        check_greedy_equal(model, hf, prompt, pm, N, ours, hf_generate)
+        fns = {"ours (static KV cache)": ours,
+               "no cache": lambda: generate_no_cache(model, prompt, pm, N)}
+        if hf is not None:
+            fns["HF generate"] = hf_generate
+    else:
+        check_logprobs_close(model, hf, prompt, pm, N)
+        model.to(torch.bfloat16)
+        gen = torch.Generator(device).manual_seed(0)
+        fns = {"ours (static KV cache)": lambda: generate(model, prompt, pm, N, eos, 0,
+                                                          stop_early=False, generator=gen),
+               "ours, eager decode": lambda: generate(model, prompt, pm, N, eos, 0,
+                                                      stop_early=False, generator=gen,
+                                                      cuda_graph=False)}
+        if hf is not None:
+            hf.to(torch.bfloat16)
+            fns["HF generate"] = lambda: hf_generate(sample=True)
+    results = interleaved(fns, device, repeat=5 if name == "default" or device.type == "cuda"
+                          else 1)
+    out = []
+    for k, t in results.items():
+        out.append({"size": name, "generator": k, "mode": "greedy fp32" if device.type == "cpu"
+                    else "sampling bf16", "batch": B, "new_tokens": N, "tokens/s": B * N / t,
+                    "ours_speedup": t / results["ours (static KV cache)"]})
+    return out
+
+
+def check_greedy_equal(model, hf, prompt, pm, N, ours, hf_generate):
+    """CPU: the cached, uncached and HF greedy outputs are the same tokens."""
     reference = ours()
     assert torch.equal(generate_no_cache(model, prompt, pm, N).masked_fill(
         (reference == 0), 0), reference), "cache and no-cache greedy outputs differ"
-    fns = {"ours (static KV cache)": ours,
-           "no cache": lambda: generate_no_cache(model, prompt, pm, N)}
-    hf = hf_model(model)
     if hf is not None:
-        def hf_generate():
-            with torch.no_grad():
-                return hf.generate(input_ids=prompt, attention_mask=pm, max_new_tokens=N,
-                                   min_new_tokens=N, do_sample=False, pad_token_id=0,
-                                   eos_token_id=None)[:, P:]
         assert torch.equal(hf_generate(), generate(model, prompt, pm, N, -1, 0, greedy=True,
                                                    stop_early=False)[0]), \
             "HF greedy output differs from ours"
-        fns["HF generate"] = hf_generate
-    results = interleaved(fns, device, repeat=5 if name == "default" else 1)
-    out = []
-    for k, t in results.items():
-        out.append({"size": name, "generator": k, "batch": B, "new_tokens": N,
-                    "tokens/s": B * N / t, "ours_speedup": t / results["ours (static KV cache)"]})
-    return out
 
+
+@torch.no_grad()
+def check_logprobs_close(model, hf, prompt, pm, N, tol=1e-4):
+    """CUDA (fp32): the log-probs that the CUDA-graph and the eager decode return for their tokens
+    match one uncached forward, and HF's forward, along the same tokens. (Tokens are not compared
+    across kernels: on a random model's near-flat logits, a kernel that sums in another order, as
+    cuBLAS may inside a graph, can flip a near-tie.)"""
+    for graph in (True, False):
+        resp, logp, mask = generate(model, prompt, pm, N, -1, 0, greedy=True, stop_early=False,
+                                    cuda_graph=graph)
+        err = (sequence_logprobs(model, prompt, pm, resp, mask) - logp).abs().max().item()
+        assert err < tol, f"decode (cuda_graph={graph}) and uncached log-probs differ by {err:.2g}"
+    if hf is not None:
+        ids, full = torch.cat([prompt, resp], 1), torch.cat([pm, mask], 1)
+        positions = (full.cumsum(-1) - 1).clamp(min=0)
+        logits = hf(input_ids=ids, attention_mask=full, position_ids=positions).logits
+        logits = logits[:, prompt.shape[1] - 1:-1]  # (B, N, V): the states predicting resp
+        theirs = logits.float().log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
+        err = (theirs - logp).abs().max().item()
+        assert err < tol, f"HF and our log-probs differ by {err:.2g}"
 
 def peak_flops(device):
     """Measured peak: a large matmul in the training dtype (fp32 on CPU, bf16 on CUDA)."""

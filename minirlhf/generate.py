@@ -38,9 +38,44 @@ def _filter_logits(logits, top_k, top_p):
     return logits
 
 
+class GraphedDecodeStep:
+    """One decode step (B new tokens -> next-token logits (B, V)) captured once as a CUDA graph,
+    then replayed: one launch per token instead of a dozen per layer, which is what bounds
+    decoding a small model on a GPU. Works because the cache keeps every shape fixed and its
+    write position on the device. The eager step stays the reference (tests check them equal)."""
+
+    def __init__(self, model, cache, B):
+        device = cache.k.device
+        self.tok = torch.zeros((B, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros((B, 1), dtype=torch.long, device=device)
+        # every input the graph reads must outlive it (a freed one's memory gets reused)
+        self.ones = torch.ones((B, 1), dtype=torch.long, device=device)
+        # weights cast by autocast must be cast inside the graph, not cached outside it
+        self.amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        start = cache.pos.clone()
+        side = torch.cuda.Stream()  # warm up (kernel choice, workspaces) off the capture stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self.amp:
+            model(self.tok, self.ones, self.pos, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        # the warm-up wrote slot `start` with dummy keys: the first replay overwrites it
+        cache.pos.copy_(start)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), self.amp:
+            self.logits = model(self.tok, self.ones, self.pos, cache=cache)[:, -1]  # (B, V)
+
+    def __call__(self, tok, pos):
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0,
-             top_p=1.0, greedy=False, stop_early=True, generator=None, check_every=8, rows=None):
+             top_p=1.0, greedy=False, stop_early=True, generator=None, check_every=8, rows=None,
+             cuda_graph=True):
     """Sample up to `max_new_tokens` per row. Returns (response (B, N), logprobs (B, N),
     response_mask (B, N)).
 
@@ -51,7 +86,8 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
     sync at all). Sampling is by inverse CDF with one uniform per row and step.
     `rows=(first, total)` says this batch is rows first.. of a global batch of `total`
     (data parallel): uniforms are drawn for the whole global batch, so a row gets the same tokens
-    however the batch is split across processes.
+    however the batch is split across processes. On CUDA the decode step is replayed as a CUDA
+    graph unless `cuda_graph=False` (the eager reference).
     """
     B, P = prompt.shape
     first, total = rows or (0, B)
@@ -67,6 +103,8 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
               return_hidden=True)[:, -1]
     logits = model.lm_head(h)  # the head on the last prompt position only: the next token's logits
     ones = torch.ones((B, 1), dtype=torch.long, device=device)
+    step = (GraphedDecodeStep(model, cache, B) if cuda_graph and device.type == "cuda"
+            and max_new_tokens > 1 else lambda tok, pos: model(tok, ones, pos, cache=cache)[:, -1])
     n = max_new_tokens
     for t in range(max_new_tokens):
         logits = _filter_logits(logits.float() / temperature, top_k, top_p)  # (B, V)
@@ -89,7 +127,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
             break
         if t + 1 < max_new_tokens:
             pos = pos + 1
-            logits = model(tok[:, None], ones, pos, cache=cache)[:, -1]
+            logits = step(tok[:, None], pos)
     response, logprobs = response[:, :n], logprobs[:, :n]
     return response, logprobs, response_mask(response, eos_id)
 

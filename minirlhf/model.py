@@ -42,7 +42,17 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         # which cached positions hold real tokens; padding and not-yet-written positions stay False
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.pos = 0  # number of positions written so far (a Python int: no host sync to read it)
+        # the next slot to write, kept on the device: a decode step captured as a CUDA graph
+        # (generate.py) advances it itself on every replay, with no host sync
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = None  # (T,) the slots the forward in progress fills
+
+    def write(self, layer, k, v):
+        """Store this chunk's keys and values (B, H, T, hd) in `layer`'s slots; return the whole
+        buffers (B, H, max_len, hd): attention always sees the same shape."""
+        self.k[layer].index_copy_(2, self.slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -60,11 +70,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
-            # write this chunk into the static cache, then attend over the whole
-            # buffer (constant shape)
-            cache.k[layer, :, :, cache.pos:cache.pos + T] = k
-            cache.v[layer, :, :, cache.pos:cache.pos + T] = v
-            k, v = cache.k[layer], cache.v[layer]
+            k, v = cache.write(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -158,15 +164,15 @@ class GPT(nn.Module):
         if cache is None:
             allowed = attention_allowed(attention_mask.bool(), torch.arange(T, device=idx.device))
         else:
-            cache.key_mask[:, cache.pos:cache.pos + T] = attention_mask.bool()
-            allowed = attention_allowed(cache.key_mask,
-                                        torch.arange(cache.pos, cache.pos + T, device=idx.device))
+            cache.slots = cache.pos + torch.arange(T, device=idx.device)  # (T,)
+            cache.key_mask.index_copy_(1, cache.slots, attention_mask.bool())
+            allowed = attention_allowed(cache.key_mask, cache.slots)
         x = self.transformer.drop(self.transformer.wte(idx)
                                   + self.transformer.wpe(position_ids))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, allowed, cache, i)
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # in place: a captured step replays this too
         x = self.transformer.ln_f(x)
         return x if return_hidden else self.lm_head(x)
 

@@ -36,6 +36,26 @@ def test_bf16_autocast_path_runs_on_cpu():
     assert (again - logp * rmask).abs().max() < 0.1  # bf16 matmuls: close, not bit-equal
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_decode_equals_eager_decode(amp):
+    model, prompt, pm = model_and_prompts()
+    # many rows: a graph input freed too early shows once eager tensors reuse its memory
+    model, prompt, pm = model.cuda(), prompt.repeat(86, 1).cuda(), pm.repeat(86, 1).cuda()
+    out = {}
+    for graph in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            greedy = generate(model, prompt, pm, 12, eos_id=-1, pad_id=0, greedy=True,
+                              stop_early=False, cuda_graph=graph)[0]
+            sampled = generate(model, prompt, pm, 12, eos_id=3, pad_id=0, cuda_graph=graph,
+                               generator=torch.Generator("cuda").manual_seed(0))
+        out[graph] = greedy, sampled
+    assert torch.equal(out[True][0], out[False][0])
+    (r1, lp1, m1), (r0, lp0, m0) = out[True][1], out[False][1]
+    assert torch.equal(r1, r0) and torch.equal(m1, m0)
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+
+
 def test_hugging_face_generate_agrees_when_installed():
     pytest.importorskip("transformers")
     model, prompt, pm = model_and_prompts()

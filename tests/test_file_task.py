@@ -55,7 +55,8 @@ def run(*args):
 
 def test_file_runs_sft_gold_rm_proxy_ppo_rlp_and_metarm(folder):
     out = folder / "out"
-    common = ["--preset=smoke", "--threads=1", f"--data={folder / 'pairs.jsonl'}",
+    # CPU, fp32: on a GPU, bf16 autocast leaves the first KL a little above 0
+    common = ["--preset=smoke", "--threads=1", "--device=cpu", f"--data={folder / 'pairs.jsonl'}",
               f"--tokenizer={folder}", f"--init_from={folder / 'gpt2'}", "--block_size=64",
               "--max_new_tokens=16", "--sft_steps=20", "--rm_pairs=48", "--eval_prompts=8",
               f"--out_dir={out}"]
