@@ -51,12 +51,36 @@ def fmt(mean, half, n, digits=3, signed=False):
     return f"{m} ± {half:.{digits}f}" if n > 1 else m
 
 
-# The pre-registered contrasts (README, "Pre-registered analysis"): (method, baseline)
+# The pre-registered contrasts (README, "Pre-registered analysis"): (method, baseline). Every
+# method against vanilla PPO and against its matching control: the one-shot RLP rounds against
+# `control`, the iterated ones against `control-iter`, MetaRM against its eta = 0 rounds. (The
+# iterated RLP methods' rows were added on 2026-11-26, before any result of the 16-seed run was
+# read.)
 CONTRASTS = (("oracle-iter", "control-iter"), ("gold-ppo", "ppo"), ("big-rm", "ppo"),
              ("uml", "ppo"), ("spg", "ppo"), ("uml+spg", "ppo"), ("oracle", "ppo"),
              ("ensemble-mean", "ppo"), ("ensemble-min", "ppo"), ("metarm", "ppo"),
              ("uml", "control"), ("spg", "control"), ("uml+spg", "control"), ("oracle", "control"),
-             ("metarm", "vanilla-rounds"))
+             ("metarm", "vanilla-rounds"),
+             ("uml-iter", "ppo"), ("spg-iter", "ppo"), ("uml+spg-iter", "ppo"),
+             ("oracle-iter", "ppo"),
+             ("uml-iter", "control-iter"), ("spg-iter", "control-iter"),
+             ("uml+spg-iter", "control-iter"))
+
+# the names readers know the methods by (results.json and curves.csv keep the method keys)
+LABELS = {"ppo": "PPO", "bon": "best-of-n", "gold-ppo": "gold-PPO (ceiling: PPO on the gold RM)",
+          "big-rm": "big-RM (ceiling: proxy on 10x the pairs)", "uml": "RLP-UML",
+          "spg": "RLP-SPG", "uml+spg": "RLP-UML+SPG", "oracle": "oracle", "control": "control",
+          "uml-iter": "RLP-UML iterated", "spg-iter": "RLP-SPG iterated",
+          "uml+spg-iter": "RLP-UML+SPG iterated", "oracle-iter": "oracle iterated",
+          "control-iter": "control iterated", "ensemble-mean": "ensemble (mean)",
+          "ensemble-min": "ensemble (min)", "metarm": "MetaRM",
+          "vanilla-rounds": "MetaRM eta=0 (its control)"}
+
+
+def label(name):
+    """A policy's name as report.md shows it: 'uml-iter r3' -> 'RLP-UML iterated r3'."""
+    method, _, rnd = name.partition(" r")
+    return LABELS.get(method, method) + (f" r{rnd}" if rnd else "")
 
 
 def kl_grid_mean(curve, K):
@@ -134,7 +158,7 @@ def paired_lines(per_seed, names):
         for endpoint in ("KL-grid mean", "split-half peak", "gold at KL 2"):
             d = diffs.get(endpoint, [])
             if d:
-                rows.append([f"{a} − {b}", endpoint, d, sign_flip_p(d)])
+                rows.append([f"{label(a)} − {label(b)}", endpoint, d, sign_flip_p(d)])
     primary = [i for i, r in enumerate(rows) if r[1] != "gold at KL 2"]
     adjusted = dict(zip(primary, holm([rows[i][3] for i in primary])))
     lines = ["", "## Paired differences (pre-registered contrasts; README)", "",
@@ -181,7 +205,7 @@ def bon_lines(per_seed, names, bon):
             d = minus_bon(name, i)
             better = f"{sum(x > 0 for x in d)}/{len(d)}"
             cols.append(f"{fmt(*mean_ci(d), len(d), signed=True)} ({better})" if d else "n/a")
-        lines.append(f"| {name} | " + " | ".join(cols) + " |")
+        lines.append(f"| {label(name)} | " + " | ".join(cols) + " |")
     return lines
 
 
@@ -248,7 +272,7 @@ def write_report(cfg, results, methods):
         cols = [lambda x: 100 * x["final"]["eval/win_rate"], lambda x: x["final"]["eval/gold"],
                 lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
                 lambda x: x["final"]["eval/kl"]]
-        lines.append(f"| {name} | "
+        lines.append(f"| {label(name)} | "
                      + " | ".join(agg(name, c, 1 if i == 0 else 3) for i, c in enumerate(cols))
                      + " |")
     bon = {s: cell[(s, "bon")] for s in seeds if cell[(s, "bon")]}
@@ -274,28 +298,40 @@ def write_report(cfg, results, methods):
                 vs_ppo.append((w["win"], w["tie"], w["lose"]))
         show = lambda t: ("/".join(f"{100 * sum(x[i] for x in t) / len(t):.0f}" for i in range(3))
                           if t else "n/a")
-        lines.append(f"| {name} | {show(vs_sft)} | {show(vs_ppo)} |")
+        lines.append(f"| {label(name)} | {show(vs_sft)} | {show(vs_ppo)} |")
     lines += ["", "## Gold at matched KL (interpolated along each run) ", "",
               "A run of rounds is one trajectory: its row is its last round, whose curve holds the "
               "earlier rounds (a row per round would repeat the first round's crossings).", "",
               "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |",
               "|---" * (len(MATCHED_KL) + 1) + "|"]
     for name in trajectories(names):
-        lines.append(f"| {name} | " + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
-                                                 for k in MATCHED_KL) + " |")
+        lines.append(f"| {label(name)} | "
+                     + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
+                                  for k in MATCHED_KL) + " |")
     lines += paired_lines(per_seed, names)
-    lines += ["", "## Diagnostics (final policy; RM = the one it was trained against, "
-              "n/a for ensembles)", "",
-              "| policy | RM acc held-out SFT pairs | RM acc policy pairs | proxy-gold corr | "
-              "reward-diff std | SPG acceptance | SPG gold agreement |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Diagnostics", "",
+              "Like for like: 'held-out SFT pairs' are the same gold-labelled pairs for every RM; "
+              "'vanilla-PPO pairs' are the same gold-labelled pairs of vanilla PPO's samples for "
+              "the proxy (before) and each one-shot RLP round's RM (after). The other columns are "
+              "measured on each policy's own final samples, against the RM it was trained on "
+              "(n/a for ensembles), so they differ in the samples as much as in the RM.", "",
+              "| policy | RM acc held-out SFT pairs | RM acc vanilla-PPO pairs, before → after "
+              "| RM acc own pairs | proxy-gold corr | reward-diff std | SPG acceptance "
+              "| SPG gold agreement |",
+              "|---|---|---|---|---|---|---|---|"]
+
+    def on_ppo_pairs(when):  # only the one-shot RLP rounds measure an RM on vanilla PPO's pairs
+        return lambda x: (x[when].get("rm_acc_policy_pairs") if "rm_before" in x else None)
     for name in names:
         cols = [lambda x: x.get("rm_after", x).get("held_out_acc_gold"),
                 lambda x: x["final"]["eval/rm_acc_policy_pairs"],
                 lambda x: x["final"]["eval/proxy_gold_corr"],
                 lambda x: x["final"]["eval/proxy_diff_std"], lambda x: x.get("spg/acceptance"),
                 lambda x: x.get("spg/gold_agreement")]
-        lines.append(f"| {name} | " + " | ".join(agg(name, c) for c in cols) + " |")
+        before, after = agg(name, on_ppo_pairs("rm_before")), agg(name, on_ppo_pairs("rm_after"))
+        shift = "n/a" if after == "n/a" else f"{before} → {after}"
+        cells = [agg(name, cols[0]), shift] + [agg(name, c) for c in cols[1:]]
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
     # results.json alone regenerates the report
     os.makedirs(os.path.join(cfg.out_dir, cfg.task), exist_ok=True)
     with open(os.path.join(cfg.out_dir, cfg.task, "report.md"), "w") as f:
@@ -328,24 +364,35 @@ def write_curves(cfg, seeds, per_seed, names, bon):
     for r in rows:
         by_run.setdefault((r["method"], r["seed"]), []).append(r)
     # One line per method: the pointwise mean over seeds (every seed evaluates at the
-    # same iterations). A MetaRM run is drawn once, as its last round, whose curve holds
-    # the earlier rounds.
-    methods = list({name.split(" r")[0]: name for name in names}.values()) + ["best-of-n"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
-    for c, method in enumerate(methods):
-        runs = [pts for (m, _), pts in by_run.items() if m == method]
-        if not runs:
-            continue
-        mean = [{k: sum(run[i][k] for run in runs) / len(runs)
-                 for k in ("sqrt_kl", "gold", "proxy")}
-                for i in range(min(map(len, runs)))]
-        for ax, key in zip(axes, ("gold", "proxy")):
-            ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".", lw=1.5,
-                    label=method, color=plt.get_cmap("tab20")(c % 20),
-                    ls="--" if method == "best-of-n" else "-")
-    for ax, key in zip(axes, ("gold reward", "proxy reward")):
+    # same iterations). A run of rounds is drawn once, as its last round, whose curve holds the
+    # earlier rounds. Top row: vanilla PPO and the one-shot refinements; bottom row: the iterated
+    # ones and MetaRM. The ceilings (black) and best-of-n (dashed) are on both.
+    methods = list({name.split(" r")[0]: name for name in names}.values())
+    iterated = ("-iter", "metarm", "vanilla-rounds")
+    shared = [m for m in methods if m in ("ppo", "gold-ppo", "big-rm")] + ["best-of-n"]
+    rows_of_methods = [[m for m in methods if m not in shared and not any(
+                            k in m for k in iterated)],
+                       [m for m in methods if any(k in m for k in iterated)]]
+    ceiling_style = {"gold-ppo": dict(color="black", ls=":"), "big-rm": dict(color="grey", ls=":"),
+                     "best-of-n": dict(color="black", ls="--"), "ppo": dict(color="tab:red")}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
+    for row, family in enumerate(rows_of_methods):
+        for c, method in enumerate(family + shared):
+            runs = [pts for (m, _), pts in by_run.items() if m == method]
+            if not runs:
+                continue
+            mean = [{k: sum(run[i][k] for run in runs) / len(runs)
+                     for k in ("sqrt_kl", "gold", "proxy")}
+                    for i in range(min(map(len, runs)))]
+            style = ceiling_style.get(method.split(" r")[0],
+                                      dict(color=plt.get_cmap("tab10")(c % 10), ls="-"))
+            for ax, key in zip(axes[row], ("gold", "proxy")):
+                ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".",
+                        lw=1.5, label=label(method.split(" r")[0]), **style)
+        for ax, key in zip(axes[row], ("gold reward", "proxy reward")):
+            ax.set_ylabel(f"{key} (mean over {len(seeds)} seeds)")
+        axes[row][0].legend(fontsize=7)
+    for ax in axes[1]:
         ax.set_xlabel("sqrt(KL to SFT)")
-        ax.set_ylabel(f"{key} (mean over {len(seeds)} seeds)")
-    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(cfg.out_dir, cfg.task, "curves.png"), dpi=120)

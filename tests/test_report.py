@@ -40,8 +40,8 @@ def test_experiments_smoke_writes_every_file(tmp_path):
     for name in ("results.json", "reviews/report.md", "reviews/curves.csv"):
         assert os.path.getsize(out / name) > 0
     report = (out / "reviews" / "report.md").read_text()
-    for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "metarm r1",
-                    "Paired differences", "| oracle-iter − control-iter | split-half peak |"):
+    for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "MetaRM r1",
+                    "Paired differences", "| oracle iterated − control iterated | split-half peak |"):
         assert section in report
     with open(out / "results.json") as f:
         assert json.load(f) == results
@@ -102,4 +102,13 @@ def test_policy_minus_best_of_n_at_its_kl():
     per_seed = {"ppo": {"seed0": {"curve": up}, "seed1": {"curve": up}}}
     row = bon_lines(per_seed, ["ppo"], bon)[-1]
     # n=4: 2·0.64 - 1.0 = +0.28 on both seeds; n=8 (KL 1.2) is beyond the run; n=2 is not shown
-    assert row == "| ppo | +0.280 ± 0.000 (2/2) | n/a |"
+    assert row == "| PPO | +0.280 ± 0.000 (2/2) | n/a |"
+
+
+def test_report_names_methods_as_readers_know_them():
+    from minirlhf.experiment import METHODS
+    from minirlhf.report import LABELS, label
+    from minirlhf.experiment import EXTRA_METHODS
+    assert set(LABELS) == set(METHODS + EXTRA_METHODS)  # a new method needs its name
+    assert label("uml+spg-iter r3") == "RLP-UML+SPG iterated r3" and label("SFT") == "SFT"
+    assert label("vanilla-rounds r1") == "MetaRM eta=0 (its control) r1"
