@@ -66,6 +66,7 @@ class GraphedDecodeStep:
             self.logits = model(self.tok, self.ones, self.pos, cache=cache)[:, -1]  # (B, V)
 
     def __call__(self, tok, pos):
+        """tok, pos (B, 1) -> logits (B, V), a buffer that the next replay overwrites."""
         self.tok.copy_(tok)
         self.pos.copy_(pos)
         self.graph.replay()
