@@ -131,9 +131,10 @@ def check_greedy_equal(model, hf, prompt, pm, N, ours, hf_generate):
 @torch.no_grad()
 def check_logprobs_close(model, hf, prompt, pm, N, tol=1e-4):
     """CUDA (fp32): the log-probs that the CUDA-graph and the eager decode return for their tokens
-    match one uncached forward, and HF's forward, along the same tokens. (Tokens are not compared
-    across kernels: on a random model's near-flat logits, a kernel that sums in another order, as
-    cuBLAS may inside a graph, can flip a near-tie.)"""
+    match one uncached forward, and HF's forward, along the same tokens. (Greedy tokens are not
+    compared with the uncached path or HF: their kernels differ with the key length and sum in
+    another order, which on a random model's near-flat logits can flip a near-tie. The graph
+    replays the eager step's kernels, so tests/test_fast_paths.py compares those two exactly.)"""
     for graph in (True, False):
         resp, logp, mask = generate(model, prompt, pm, N, -1, 0, greedy=True, stop_early=False,
                                     cuda_graph=graph)

@@ -365,8 +365,9 @@ def write_curves(cfg, seeds, per_seed, names, bon):
         by_run.setdefault((r["method"], r["seed"]), []).append(r)
     # One line per method: the pointwise mean over seeds (every seed evaluates at the
     # same iterations). A run of rounds is drawn once, as its last round, whose curve holds the
-    # earlier rounds. Top row: vanilla PPO and the one-shot refinements; bottom row: the iterated
-    # ones and MetaRM. The ceilings (black) and best-of-n (dashed) are on both.
+    # earlier rounds. Top row: the one-shot refinements and the ensembles; bottom row: the
+    # iterated ones and MetaRM. Vanilla PPO (red), the ceilings (black, dotted) and best-of-n
+    # (dashed) are on both.
     methods = list({name.split(" r")[0]: name for name in names}.values())
     iterated = ("-iter", "metarm", "vanilla-rounds")
     shared = [m for m in methods if m in ("ppo", "gold-ppo", "big-rm")] + ["best-of-n"]
@@ -375,6 +376,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
                        [m for m in methods if any(k in m for k in iterated)]]
     ceiling_style = {"gold-ppo": dict(color="black", ls=":"), "big-rm": dict(color="grey", ls=":"),
                      "best-of-n": dict(color="black", ls="--"), "ppo": dict(color="tab:red")}
+    palette = [plt.get_cmap("tab10")(i) for i in range(10) if i != 3]  # 3 is PPO's red
     fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
     for row, family in enumerate(rows_of_methods):
         for c, method in enumerate(family + shared):
@@ -385,7 +387,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
                      for k in ("sqrt_kl", "gold", "proxy")}
                     for i in range(min(map(len, runs)))]
             style = ceiling_style.get(method.split(" r")[0],
-                                      dict(color=plt.get_cmap("tab10")(c % 10), ls="-"))
+                                      dict(color=palette[c % len(palette)], ls="-"))
             for ax, key in zip(axes[row], ("gold", "proxy")):
                 ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".",
                         lw=1.5, label=label(method.split(" r")[0]), **style)
