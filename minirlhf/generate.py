@@ -143,6 +143,11 @@ def response_mask(response, eos_id):
     return ((is_eos.cumsum(-1) - is_eos) == 0).long()  # no EOS strictly before this token
 
 
+# at most this many fp32 logits at once: one evaluation batch of GPT-2 (256 rows x 128 tokens x
+# 50,261) would otherwise hold 6.6 GB of them, and as much again inside logsumexp
+MAX_LOGITS = 2 ** 28
+
+
 def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperature=1.0,
                       with_entropy=False):
     """Log-probs (B, N) of the response tokens with one forward over prompt + response
@@ -153,13 +158,24 @@ def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperatu
     P = prompt.shape[1]
     # the LM head only where a log-prob is read: the states that predict each response token
     h = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N, C)
-    logits = model.lm_head(h).float() / temperature  # (B, N, V)
-    lse = logits.logsumexp(-1)  # (B, N)
-    logp = (logits.gather(-1, response[..., None]).squeeze(-1) - lse) * resp_mask
+    rows = max(1, MAX_LOGITS // (h.shape[1] * model.cfg.vocab_size))
+    parts = [head_logprobs(model.lm_head, h[i:i + rows], response[i:i + rows], temperature,
+                           with_entropy) for i in range(0, len(h), rows)]
+    logp = torch.cat([lp for lp, _ in parts]) * resp_mask
     if not with_entropy:
         return logp
-    entropy = (lse - (logits.softmax(-1) * logits).sum(-1)) * resp_mask  # H = lse - E_p[logit]
-    return logp, entropy
+    return logp, torch.cat([ent for _, ent in parts]) * resp_mask
+
+
+def head_logprobs(lm_head, h, response, temperature, with_entropy):
+    """Log-probs (B, N) of `response` from the final hidden states h (B, N, C), and the entropy
+    (B, N) or None."""
+    logits = lm_head(h).float() / temperature  # (B, N, V)
+    lse = logits.logsumexp(-1)  # (B, N)
+    logp = logits.gather(-1, response[..., None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp, None
+    return logp, lse - (logits.softmax(-1) * logits).sum(-1)  # H = lse - E_p[logit]
 
 
 @torch.no_grad()

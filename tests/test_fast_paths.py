@@ -81,6 +81,19 @@ def test_logprobs_with_the_head_on_response_positions_only_equal_the_full_logits
     assert torch.equal(logp, sequence_logprobs(model, prompt, pm, response, rmask, 0.7))  # one formula
 
 
+def test_logprobs_in_row_chunks_equal_one_chunk(monkeypatch):
+    import minirlhf.generate as gen
+    model, prompt, pm = model_and_prompts()
+    response = torch.tensor([[3, 4, 5, 0], [6, 7, 0, 0], [8, 9, 10, 11]])
+    rmask = (response != 0).long()
+    whole = sequence_logprobs(model, prompt, pm, response, rmask, 0.7, with_entropy=True)
+    # room for the logits of one row at a time: three chunks
+    monkeypatch.setattr(gen, "MAX_LOGITS", response.shape[1] * model.cfg.vocab_size)
+    chunked = sequence_logprobs(model, prompt, pm, response, rmask, 0.7, with_entropy=True)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
 def test_one_ppo_update_with_fused_adamw_equals_the_per_tensor_loop():
     import copy
     from dataclasses import replace
