@@ -41,8 +41,8 @@ def atomic_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_json(obj, path):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+def atomic_write_json(obj, path, indent=2):
+    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode()))
 
 
 def load(path, expect=None, fields=()):

@@ -60,7 +60,9 @@ def run_cell(cfg, method):
 def load_results(out_dir):
     """Every finished cell: results.json merged with out_dir/cells/, where each cell lands as its
     own file the moment it finishes (so processes that split the seeds with --first_seed can
-    share one out_dir)."""
+    share one out_dir). results.json is written on one line with floats to 6 significant digits,
+    and that is what is returned: a report reads the same numbers whether it was just run or
+    rebuilt from the file."""
     path, cells = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "cells")
     results = {}
     if os.path.exists(path):
@@ -71,8 +73,22 @@ def load_results(out_dir):
             continue
         with open(os.path.join(cells, name)) as f:
             results.update(json.load(f))
-    atomic_write_json(results, path)
+    results = six_digits(results)
+    # every evaluation's per-prompt gold of every cell: tens of MB at 16 seeds, most of it float
+    # noise such as 1.5499999999999998 and indentation
+    atomic_write_json(results, path, indent=None)
     return results
+
+
+def six_digits(x):
+    """x with every float rounded to 6 significant digits (dicts and lists followed)."""
+    if isinstance(x, float):
+        return float(f"{x:.6g}")
+    if isinstance(x, dict):
+        return {k: six_digits(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [six_digits(v) for v in x]
+    return x
 
 
 def run_report(cfg):

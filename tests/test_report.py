@@ -58,11 +58,15 @@ def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
     from minirlhf.experiment import load_results
     (tmp_path / "cells").mkdir()
     (tmp_path / "results.json").write_text(json.dumps({"reviews/seed0/ppo": {"x": 1}}))
-    (tmp_path / "cells" / "reviews-seed3-ppo.json").write_text(json.dumps({"reviews/seed3/ppo": {"x": 2}}))
+    cell = {"reviews/seed3/ppo": {"x": 2, "curve": [{"gold": 1.5499999999999998, "kl": 1234567.89}]}}
+    (tmp_path / "cells" / "reviews-seed3-ppo.json").write_text(json.dumps(cell))
     (tmp_path / "cells" / "reviews-seed4-ppo.json.abc.tmp").write_text("{trunc")  # another process mid-write
     merged = load_results(str(tmp_path))
-    assert merged == {"reviews/seed0/ppo": {"x": 1}, "reviews/seed3/ppo": {"x": 2}}
-    assert json.loads((tmp_path / "results.json").read_text()) == merged
+    # floats kept to 6 significant digits, in the file and in what the report reads
+    assert merged == {"reviews/seed0/ppo": {"x": 1},
+                      "reviews/seed3/ppo": {"x": 2, "curve": [{"gold": 1.55, "kl": 1234570.0}]}}
+    text = (tmp_path / "results.json").read_text()
+    assert json.loads(text) == merged and "\n" not in text
 
 
 def test_metarm_round_curves_continue_the_previous_round():
