@@ -137,10 +137,29 @@ def holm(pvalues):
     return adjusted
 
 
-def paired_lines(per_seed, names):
+# The smallest difference in gold worth calling an effect, a third of the gate's bar for what
+# perfect on-policy labels must buy (README, "Science v2"). Pre-registered on 2026-11-26, before any
+# result of the 16-seed run was read.
+SMALLEST_EFFECT = {"reviews": 0.1, "arith": 0.05 / 3}
+
+
+def verdict(diffs, holm_p, delta):
+    """The pre-registered reading of one contrast on one primary endpoint: 'better' or 'worse'
+    when the Holm-adjusted p is below 0.05, 'equivalent' when the paired 95% interval lies inside
+    (-delta, delta), else 'undecided'."""
+    mean, half = mean_ci(diffs)
+    if holm_p < 0.05:
+        return "better" if mean > 0 else "worse"
+    if -delta < mean - half and mean + half < delta:
+        return f"equivalent (±{delta:.2g})"
+    return "undecided"
+
+
+def paired_lines(per_seed, names, delta):
     """report.md's paired-difference section: for each pre-registered contrast present, each
     endpoint's mean difference over seeds with its paired 95% t-interval, the seeds where the method
-    is better, and the sign-flip p-value, Holm-adjusted over the contrasts x primary endpoints."""
+    is better, the sign-flip p-value, Holm-adjusted over the contrasts x primary endpoints, and the
+    reading of each primary endpoint (`verdict`, smallest effect `delta`)."""
     # a run of rounds is its last round, whose curve holds all of them
     runs = {name.rsplit(" r", 1)[0]: name for name in trajectories(names)}
     rows = []
@@ -167,15 +186,18 @@ def paired_lines(per_seed, names):
              "largest integer KL both runs reach; split-half peak: the best evaluation on half the "
              "prompts, measured on the other half. p: two-sided sign-flip test; Holm: adjusted "
              "over the contrasts x the two primary endpoints (gold at KL 2 is secondary, "
-             "unadjusted).",
+             "unadjusted). Reading (pre-registered): better or worse when Holm's p < 0.05, "
+             f"equivalent when the 95% interval lies inside ±{delta:.2g} gold, else undecided.",
              "",
-             "| contrast | endpoint | mean difference ± 95% CI | seeds better | p | p (Holm) |",
-             "|---|---|---|---|---|---|"]
+             "| contrast | endpoint | mean difference ± 95% CI | seeds better | p | p (Holm) "
+             "| reading |",
+             "|---|---|---|---|---|---|---|"]
     for i, (name, endpoint, d, p) in enumerate(rows):
         better = f"{sum(x > 0 for x in d)}/{len(d)}"
-        holm_p = f"{adjusted[i]:.3f}" if i in adjusted else "—"
+        holm_p, reading = ((f"{adjusted[i]:.3f}", verdict(d, adjusted[i], delta)) if i in adjusted
+                           else ("—", "—"))
         lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d), signed=True)} | {better} "
-                     f"| {p:.3f} | {holm_p} |")
+                     f"| {p:.3f} | {holm_p} | {reading} |")
     return lines
 
 
@@ -308,7 +330,7 @@ def write_report(cfg, results, methods):
         lines.append(f"| {label(name)} | "
                      + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
                                   for k in MATCHED_KL) + " |")
-    lines += paired_lines(per_seed, names)
+    lines += paired_lines(per_seed, names, SMALLEST_EFFECT[cfg.task])
     lines += ["", "## Diagnostics", "",
               "Like for like: 'held-out SFT pairs' are the same gold-labelled pairs for every RM; "
               "'vanilla-PPO pairs' are the same gold-labelled pairs of vanilla PPO's samples for "

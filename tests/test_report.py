@@ -54,6 +54,16 @@ def test_experiments_smoke_writes_every_file(tmp_path):
         assert json.load(f) == results
 
 
+def test_verdict_reads_a_contrast_by_the_pre_registered_rule():
+    from minirlhf.report import verdict
+    assert verdict([0.5, 0.6, 0.4, 0.5], 0.01, delta=0.1) == "better"
+    assert verdict([-0.5, -0.6, -0.4, -0.5], 0.01, delta=0.1) == "worse"
+    # not significant, interval inside +-delta: a difference too small to matter
+    assert verdict([0.01, -0.01, 0.02, 0.0], 0.5, delta=0.1).startswith("equivalent")
+    # not significant, interval reaching past delta: the seeds cannot tell
+    assert verdict([0.3, -0.2, 0.25, -0.1], 0.5, delta=0.1) == "undecided"
+
+
 def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
     from minirlhf.experiment import load_results
     (tmp_path / "cells").mkdir()
