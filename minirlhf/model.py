@@ -225,7 +225,11 @@ class GPT(nn.Module):
         if os.path.exists(bin_path):
             sd = torch.load(bin_path, map_location="cpu", weights_only=True)
         elif os.path.exists(st_path):
-            from safetensors.torch import load_file  # optional dependency, only for this format
+            try:
+                from safetensors.torch import load_file  # optional dependency, only for this format
+            except ImportError:
+                raise OSError(f"{st_path}: reading it needs the optional package safetensors "
+                              "(pip install safetensors)") from None
             sd = load_file(st_path)
         else:
             raise FileNotFoundError(f"{folder}: neither pytorch_model.bin nor model.safetensors")

@@ -51,7 +51,7 @@ def fmt(mean, half, n, digits=3, signed=False):
     return f"{m} ± {half:.{digits}f}" if n > 1 else m
 
 
-# The pre-registered contrasts (README, "Pre-registered analysis"): (method, baseline). Every
+# The pre-registered contrasts (README, "Science v2"): (method, baseline). Every
 # method against vanilla PPO and against its matching control: the one-shot RLP rounds against
 # `control`, the iterated ones against `control-iter`, MetaRM against its eta = 0 rounds. (The
 # iterated RLP methods' rows were added on 2026-11-26, before any result of the 16-seed run was

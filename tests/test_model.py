@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -87,6 +89,15 @@ def test_from_pretrained_rejects_wrong_shapes(tmp_path):
     sd["transformer.wpe.weight"] = torch.zeros(7, 32)
     torch.save(sd, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="wpe.weight"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_without_safetensors_says_what_to_install(tmp_path, monkeypatch):
+    tiny().save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "model.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed: import raises
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(OSError, match="needs the optional package safetensors"):
         GPT.from_pretrained(tmp_path)
 
 
