@@ -20,11 +20,24 @@ def init(device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # Left to interpreter shutdown, gloo's worker threads can be torn down unjoined
         # ("terminate called without an active exception", SIGABRT after a finished run).
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_destroy)
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if not is_main():
             sys.stdout = open(os.devnull, "w")  # one rank speaks; errors still reach stderr
+
+
+def _destroy():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish():
+    """End a finished run on every rank together, then tear the process group down: one rank
+    destroying it while another still talks made gloo abort a finished run (SIGABRT, seen in CI)."""
+    if dist.is_initialized():
+        dist.barrier()
+        _destroy()
 
 
 def rank():

@@ -83,6 +83,7 @@ def main(run, cls, validate=None, lock=True):
         with (lock_out_dir(cfg.out_dir) if lock and os.environ.get("RANK", "0") == "0"
               else contextlib.nullcontext()):
             run(cfg)
+        dist.finish()
     except UsageError as e:
         fail(e, 2)
     except (DataError, ValueError, OSError, FloatingPointError) as e:
