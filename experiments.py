@@ -14,7 +14,7 @@ Finished cells are kept in out_dir/results.json and never rerun, so a killed rep
 out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
 """
 from minirlhf.config import ReportConfig, UsageError
-from minirlhf.experiment import EXTRA_METHODS, METHODS, run_report
+from minirlhf.experiment import KNOWN_METHODS, run_report
 from minirlhf.runtime import main
 from minirlhf.validate import validate
 
@@ -24,11 +24,11 @@ def check(cfg):
     if cfg.data:
         raise UsageError(f"--data={cfg.data!r}: the report runs the embedded tasks (cells are "
                          "keyed by task); run train_ppo.py and refine.py on a file")
-    known = METHODS + EXTRA_METHODS
-    unknown = [m for m in cfg.methods.split(",") if m not in known] if cfg.methods else []
+    unknown = ([m for m in cfg.methods.split(",") if m not in KNOWN_METHODS] if cfg.methods
+               else [])
     if unknown:
         raise UsageError(f"--methods={cfg.methods!r}: unknown method {unknown[0]!r}, expected some "
-                         f"of {', '.join(known)}")
+                         f"of {', '.join(KNOWN_METHODS)}")
 
 
 if __name__ == "__main__":

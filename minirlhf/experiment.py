@@ -27,6 +27,7 @@ METHODS = ("bon", "ppo", "gold-ppo", "big-rm", *RLP_METHODS, "oracle-iter", "con
            "uml+spg-iter", "ensemble-mean", "ensemble-min", "metarm", "vanilla-rounds")
 # run only when named (--methods=uml-iter,spg-iter); reported when present
 EXTRA_METHODS = ("uml-iter", "spg-iter")
+KNOWN_METHODS = METHODS + EXTRA_METHODS
 
 
 def run_cell(cfg, method):
@@ -108,6 +109,6 @@ def run_report(cfg):
                                                  key.replace("/", "-") + ".json"))
             results.update(cell)
     results = load_results(cfg.out_dir)
-    write_report(cfg, results, METHODS + EXTRA_METHODS)
+    write_report(cfg, results, KNOWN_METHODS)
     print(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/{cfg.task}/report.md, curves.csv")
     return results

@@ -408,11 +408,11 @@ def write_curves(cfg, seeds, per_seed, names, bon):
             mean = [{k: sum(run[i][k] for run in runs) / len(runs)
                      for k in ("sqrt_kl", "gold", "proxy")}
                     for i in range(min(map(len, runs)))]
-            style = ceiling_style.get(method.split(" r")[0],
-                                      dict(color=palette[c % len(palette)], ls="-"))
+            base = method.split(" r")[0]  # a run of rounds is named by its method alone
+            style = ceiling_style.get(base, dict(color=palette[c % len(palette)], ls="-"))
             for ax, key in zip(axes[row], ("gold", "proxy")):
                 ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".",
-                        lw=1.5, label=label(method.split(" r")[0]), **style)
+                        lw=1.5, label=label(base), **style)
         for ax, key in zip(axes[row], ("gold reward", "proxy reward")):
             ax.set_ylabel(f"{key} (mean over {len(seeds)} seeds)")
         axes[row][0].legend(fontsize=7)

@@ -120,9 +120,8 @@ def test_policy_minus_best_of_n_at_its_kl():
 
 
 def test_report_names_methods_as_readers_know_them():
-    from minirlhf.experiment import METHODS
+    from minirlhf.experiment import KNOWN_METHODS
     from minirlhf.report import LABELS, label
-    from minirlhf.experiment import EXTRA_METHODS
-    assert set(LABELS) == set(METHODS + EXTRA_METHODS)  # a new method needs its name
+    assert set(LABELS) == set(KNOWN_METHODS)  # a new method needs its name
     assert label("uml+spg-iter r3") == "RLP-UML+SPG iterated r3" and label("SFT") == "SFT"
     assert label("vanilla-rounds r1") == "MetaRM eta=0 (its control) r1"
