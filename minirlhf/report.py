@@ -1,48 +1,14 @@
-"""The reproduction report: 95% intervals over seeds, matched-KL interpolation,
-report.md and the curves."""
+"""The reproduction report: report.md (tables over seeds, the pre-registered contrasts and
+claims), curves.csv and curves.png, from results.json."""
 import csv
-import itertools
 import math
 import os
-import random
 
+from .contrasts import SMALLEST_EFFECT, claims, gold_at_kl, paired_differences
 from .evaluate import win_tie_lose
+from .stats import mean_ci
 
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
-
-# two-sided 95% Student-t critical values by degrees of freedom (no scipy dependency)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-        10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t95(df):
-    """The 0.975 quantile of Student's t with `df` degrees of freedom (the nearest
-    tabulated df at or below)."""
-    if df >= 30:
-        return 1.96 if df > 120 else _T95[30]
-    return _T95[max(k for k in _T95 if k <= df)]
-
-
-def mean_ci(values):
-    """(mean, half-width of the 95% t-interval) over seeds; half-width 0 for a single seed."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t95(n - 1) * sd / math.sqrt(n)
-
-
-def gold_at_kl(history, target_kl, key="eval/gold"):
-    """`key` interpolated linearly at the first point where the evaluated KL reaches `target_kl`
-    (evaluations in iteration order); None if the run never got that far from SFT."""
-    for a, b in zip(history, history[1:]):
-        if a["eval/kl"] <= target_kl <= b["eval/kl"]:
-            w = (0.0 if b["eval/kl"] == a["eval/kl"]
-                 else (target_kl - a["eval/kl"]) / (b["eval/kl"] - a["eval/kl"]))
-            return a[key] + w * (b[key] - a[key])
-    return None
-
 
 def fmt(mean, half, n, digits=3, signed=False):
     """'mean ± half-width', or the bare value when there is one seed (no interval to show); with
@@ -50,21 +16,6 @@ def fmt(mean, half, n, digits=3, signed=False):
     m = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return f"{m} ± {half:.{digits}f}" if n > 1 else m
 
-
-# The pre-registered contrasts (README, "Science v2"): (method, baseline). Every
-# method against vanilla PPO and against its matching control: the one-shot RLP rounds against
-# `control`, the iterated ones against `control-iter`, MetaRM against its eta = 0 rounds. (The
-# iterated RLP methods' rows were added on 2026-11-26, before any result of the 16-seed run was
-# read.)
-CONTRASTS = (("oracle-iter", "control-iter"), ("gold-ppo", "ppo"), ("big-rm", "ppo"),
-             ("uml", "ppo"), ("spg", "ppo"), ("uml+spg", "ppo"), ("oracle", "ppo"),
-             ("ensemble-mean", "ppo"), ("ensemble-min", "ppo"), ("metarm", "ppo"),
-             ("uml", "control"), ("spg", "control"), ("uml+spg", "control"), ("oracle", "control"),
-             ("metarm", "vanilla-rounds"),
-             ("uml-iter", "ppo"), ("spg-iter", "ppo"), ("uml+spg-iter", "ppo"),
-             ("oracle-iter", "ppo"),
-             ("uml-iter", "control-iter"), ("spg-iter", "control-iter"),
-             ("uml+spg-iter", "control-iter"))
 
 # the names readers know the methods by (results.json and curves.csv keep the method keys)
 LABELS = {"ppo": "PPO", "bon": "best-of-n", "gold-ppo": "gold-PPO (ceiling: PPO on the gold RM)",
@@ -77,109 +28,26 @@ LABELS = {"ppo": "PPO", "bon": "best-of-n", "gold-ppo": "gold-PPO (ceiling: PPO 
           "vanilla-rounds": "MetaRM eta=0 (its control)"}
 
 
+def method_of(name):
+    """The method a policy name belongs to: 'metarm r2' -> 'metarm' (a name without a round is
+    its method)."""
+    return name.split(" r")[0]
+
+
 def label(name):
     """A policy's name as report.md shows it: 'uml-iter r3' -> 'RLP-UML iterated r3'."""
-    method, _, rnd = name.partition(" r")
-    return LABELS.get(method, method) + (f" r{rnd}" if rnd else "")
-
-
-def kl_grid_mean(curve, K):
-    """Primary endpoint 1: the mean of gold over the KL grid 1, 2, ..., K, interpolated along the
-    run (None if the run does not reach K)."""
-    golds = [gold_at_kl(curve, k) for k in range(1, K + 1)]
-    return None if K < 1 or None in golds else sum(golds) / K
-
-
-def split_half_peak(curve):
-    """Primary endpoint 2: the evaluation with the best gold on the even-numbered held-out
-    prompts, reported on the odd-numbered ones, so that the peak is not chosen on the prompts that
-    measure it (None without per-prompt gold)."""
-    points = [p for p in curve if p.get("gold_per_prompt")]
-    if not points:
-        return None
-
-    def half(point, k):
-        gold = point["gold_per_prompt"][k::2]
-        return sum(gold) / len(gold)
-    return half(max(points, key=lambda p: half(p, 0)), 1)
-
-
-def endpoints(a, b):
-    """Both runs' endpoints on a common footing: (KL-grid mean with K the largest integer KL both
-    reach, split-half peak, gold at KL 2), as (a's, b's) pairs; None where not measurable."""
-    K = int(min(max(p["eval/kl"] for p in a), max(p["eval/kl"] for p in b)))
-    return {"KL-grid mean": (kl_grid_mean(a, K), kl_grid_mean(b, K)),
-            "split-half peak": (split_half_peak(a), split_half_peak(b)),
-            "gold at KL 2": (gold_at_kl(a, 2.0), gold_at_kl(b, 2.0))}
-
-
-def sign_flip_p(diffs, draws=20000, rng=None):
-    """Two-sided p-value of a paired mean difference by flipping the signs of the differences:
-    exact (every sign pattern) up to 16 seeds, else `draws` random patterns. No distribution
-    assumed."""
-    n, observed, rng = len(diffs), abs(sum(diffs)), rng or random.Random(0)
-    patterns = (itertools.product((1, -1), repeat=n) if n <= 16 else
-                ([rng.choice((1, -1)) for _ in range(n)] for _ in range(draws)))
-    count = total = 0
-    for signs in patterns:
-        total += 1
-        count += abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12
-    return count / total
-
-
-def holm(pvalues):
-    """Holm's step-down adjustment of a family of p-values (same order as given)."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-# The smallest difference in gold worth calling an effect, a third of the gate's bar for what
-# perfect on-policy labels must buy (README, "Science v2"). Pre-registered on 2026-11-26, before any
-# result of the 16-seed run was read.
-SMALLEST_EFFECT = {"reviews": 0.1, "arith": 0.05 / 3}
-
-
-def verdict(diffs, holm_p, delta):
-    """The pre-registered reading of one contrast on one primary endpoint: 'better' or 'worse'
-    when the Holm-adjusted p is below 0.05, 'equivalent' when the paired 95% interval lies inside
-    (-delta, delta), else 'undecided'."""
-    mean, half = mean_ci(diffs)
-    if holm_p < 0.05:
-        return "better" if mean > 0 else "worse"
-    if -delta < mean - half and mean + half < delta:
-        return f"equivalent (±{delta:.2g})"
-    return "undecided"
+    method = method_of(name)
+    return LABELS.get(method, method) + name[len(method):]
 
 
 def paired_lines(per_seed, names, delta):
-    """report.md's paired-difference section: for each pre-registered contrast present, each
-    endpoint's mean difference over seeds with its paired 95% t-interval, the seeds where the method
-    is better, the sign-flip p-value, Holm-adjusted over the contrasts x primary endpoints, and the
-    reading of each primary endpoint (`verdict`, smallest effect `delta`)."""
+    """report.md's paired-difference section, each pre-registered contrast on each endpoint (mean
+    difference with its paired 95% t-interval, seeds better, sign-flip p, Holm's p and the reading),
+    and its claims section: what the readings say about each paper's claim."""
     # a run of rounds is its last round, whose curve holds all of them
-    runs = {name.rsplit(" r", 1)[0]: name for name in trajectories(names)}
-    rows = []
-    for a, b in CONTRASTS:
-        ra, rb = runs.get(a), runs.get(b)
-        if ra is None or rb is None:
-            continue
-        seeds = sorted(set(per_seed[ra]) & set(per_seed[rb]))
-        diffs = {}
-        for s in seeds:
-            pairs = endpoints(per_seed[ra][s]["curve"], per_seed[rb][s]["curve"])
-            for endpoint, (x, y) in pairs.items():
-                if x is not None and y is not None:
-                    diffs.setdefault(endpoint, []).append(x - y)
-        for endpoint in ("KL-grid mean", "split-half peak", "gold at KL 2"):
-            d = diffs.get(endpoint, [])
-            if d:
-                rows.append([f"{label(a)} − {label(b)}", endpoint, d, sign_flip_p(d)])
-    primary = [i for i, r in enumerate(rows) if r[1] != "gold at KL 2"]
-    adjusted = dict(zip(primary, holm([rows[i][3] for i in primary])))
+    curves = {method_of(name): {s: x["curve"] for s, x in per_seed[name].items()}
+              for name in trajectories(names)}
+    rows = paired_differences(curves, delta)
     lines = ["", "## Paired differences (pre-registered contrasts; README)", "",
              "Per seed, the method's run minus its baseline's on the same seed (same SFT, proxy RM "
              "and evaluation prompts). KL-grid mean: mean gold at KL 1, 2, ..., K, K the "
@@ -192,12 +60,22 @@ def paired_lines(per_seed, names, delta):
              "| contrast | endpoint | mean difference ± 95% CI | seeds better | p | p (Holm) "
              "| reading |",
              "|---|---|---|---|---|---|---|"]
-    for i, (name, endpoint, d, p) in enumerate(rows):
-        better = f"{sum(x > 0 for x in d)}/{len(d)}"
-        holm_p, reading = ((f"{adjusted[i]:.3f}", verdict(d, adjusted[i], delta)) if i in adjusted
-                           else ("—", "—"))
-        lines.append(f"| {name} | {endpoint} | {fmt(*mean_ci(d), len(d), signed=True)} | {better} "
-                     f"| {p:.3f} | {holm_p} | {reading} |")
+    for r in rows:
+        d = r["diffs"]
+        holm_p = f"{r['holm']:.3f}" if "holm" in r else "—"
+        lines.append(f"| {label(r['method'])} − {label(r['baseline'])} | {r['endpoint']} "
+                     f"| {fmt(*mean_ci(d), len(d), signed=True)} | {sum(x > 0 for x in d)}/{len(d)} "
+                     f"| {r['p']:.3f} | {holm_p} | {r.get('reading', '—')} |")
+    found = claims(rows)
+    if found:
+        lines += ["", "## Claims (pre-registered reading; README)", "",
+                  "A paper's claim that its method helps reproduces when the method reads better on "
+                  "at least one primary endpoint and worse on none, both against PPO and against its "
+                  "matching control; it is contradicted when, against PPO or against that control, "
+                  "it reads equivalent or worse on both; anything else this testbed cannot decide "
+                  "at this many seeds. The numbers are in the table above.", "",
+                  "| method | matching control | claim |", "|---|---|---|"]
+        lines += [f"| {label(m)} | {label(c)} | {reading} |" for m, c, reading in found]
     return lines
 
 
@@ -250,8 +128,8 @@ def policies(cell, method):
 def trajectories(names):
     """The policy names that end a trajectory: every name but a round that a later round continues
     ('metarm r1' when 'metarm r2' exists)."""
-    last = {name.rsplit(" r", 1)[0]: name for name in names}  # report order: rounds ascend
-    return [name for name in names if " r" not in name or last[name.rsplit(" r", 1)[0]] == name]
+    last = {method_of(name): name for name in names}  # report order: rounds ascend
+    return [name for name in names if last[method_of(name)] == name]
 
 
 def write_report(cfg, results, methods):
@@ -390,7 +268,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
     # earlier rounds. Top row: the one-shot refinements and the ensembles; bottom row: the
     # iterated ones and MetaRM. Vanilla PPO (red), the ceilings (black, dotted) and best-of-n
     # (dashed) are on both.
-    methods = list({name.split(" r")[0]: name for name in names}.values())
+    methods = list({method_of(name): name for name in names}.values())
     iterated = ("-iter", "metarm", "vanilla-rounds")
     shared = [m for m in methods if m in ("ppo", "gold-ppo", "big-rm")] + ["best-of-n"]
     rows_of_methods = [[m for m in methods if m not in shared and not any(
@@ -408,7 +286,7 @@ def write_curves(cfg, seeds, per_seed, names, bon):
             mean = [{k: sum(run[i][k] for run in runs) / len(runs)
                      for k in ("sqrt_kl", "gold", "proxy")}
                     for i in range(min(map(len, runs)))]
-            base = method.split(" r")[0]  # a run of rounds is named by its method alone
+            base = method_of(method)  # a run of rounds is named by its method alone
             style = ceiling_style.get(base, dict(color=palette[c % len(palette)], ls="-"))
             for ax, key in zip(axes[row], ("gold", "proxy")):
                 ax.plot([p["sqrt_kl"] for p in mean], [p[key] for p in mean], marker=".",

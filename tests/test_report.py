@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from minirlhf.report import fmt, gold_at_kl, mean_ci, t95
+from minirlhf.contrasts import gold_at_kl
+from minirlhf.report import fmt
+from minirlhf.stats import mean_ci, t95
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +43,8 @@ def test_experiments_smoke_writes_every_file(tmp_path):
         assert os.path.getsize(out / name) > 0
     report = (out / "reviews" / "report.md").read_text()
     for section in ("win-rate vs SFT", "Best-of-n", "vs vanilla PPO", "matched KL", "Diagnostics", "MetaRM r1",
-                    "Paired differences", "| oracle iterated − control iterated | split-half peak |"):
+                    "Paired differences", "| oracle iterated − control iterated | split-half peak |",
+                    "| RLP-UML | control | cannot decide |"):
         assert section in report
     with open(out / "results.json") as f:
         assert json.load(f) == results
@@ -55,13 +58,45 @@ def test_experiments_smoke_writes_every_file(tmp_path):
 
 
 def test_verdict_reads_a_contrast_by_the_pre_registered_rule():
-    from minirlhf.report import verdict
+    from minirlhf.contrasts import verdict
     assert verdict([0.5, 0.6, 0.4, 0.5], 0.01, delta=0.1) == "better"
     assert verdict([-0.5, -0.6, -0.4, -0.5], 0.01, delta=0.1) == "worse"
     # not significant, interval inside +-delta: a difference too small to matter
     assert verdict([0.01, -0.01, 0.02, 0.0], 0.5, delta=0.1).startswith("equivalent")
     # not significant, interval reaching past delta: the seeds cannot tell
     assert verdict([0.3, -0.2, 0.25, -0.1], 0.5, delta=0.1) == "undecided"
+    assert verdict([0.01], 1.0, delta=0.1) == "undecided"  # one seed has no interval
+
+
+def test_a_claim_reads_by_the_pre_registered_rule():
+    from minirlhf.contrasts import claim_reading
+    better, worse, same, unsure = "better", "worse", "equivalent (±0.1)", "undecided"
+    both = lambda a, b: {"KL-grid mean": a, "split-half peak": b}
+    assert claim_reading(both(better, unsure), both(unsure, better)) == "reproduces"
+    # better than PPO is not enough: the control, doing the same RM training, must be beaten too
+    assert claim_reading(both(better, better), both(unsure, unsure)) == "cannot decide"
+    assert claim_reading(both(better, worse), both(better, better)) == "cannot decide"
+    assert claim_reading(both(better, better), both(same, worse)) == "contradicted"
+    assert claim_reading(both(same, same), both(better, better)) == "contradicted"
+    assert claim_reading(both(same, unsure), both(same, unsure)) == "cannot decide"
+    assert claim_reading({"KL-grid mean": same}, both(unsure, unsure)) == "cannot decide"
+
+
+def test_claims_come_from_the_paired_contrasts():
+    from minirlhf.contrasts import claims, paired_differences
+    def run(gold):  # a run whose gold is `gold` all along its way to KL 3
+        return [{"eval/kl": float(k), "eval/gold": gold, "gold_per_prompt": [gold] * 4} for k in range(4)]
+    seeds = [f"seed{i}" for i in range(10)]
+    curves = {m: {s: run(g + 0.01 * i) for i, s in enumerate(seeds)}
+              for m, g in (("ppo", 1.0), ("control", 1.0), ("uml", 2.0), ("spg", 1.0))}
+    rows = paired_differences(curves, delta=0.1)
+    assert {(r["method"], r["baseline"]) for r in rows} == {(m, b) for m in ("uml", "spg") for b in ("ppo", "control")}
+    # UML ahead on all 10 seeds: p = 2/1024 in each of the 4 of 8 primary tests, Holm's x 8 at most
+    assert all(r["holm"] == pytest.approx(16 / 1024) for r in rows if r["method"] == "uml" and "holm" in r)
+    assert claims(rows) == [("uml", "control", "reproduces"), ("spg", "control", "contradicted")]
+    curves["uml"]["seed0"] = run(0.0)  # one seed behind: the interval still excludes 0, Holm's p does not
+    assert claims(paired_differences(curves, delta=0.1))[0] == ("uml", "control", "cannot decide")
+    assert claims(paired_differences({m: c for m, c in curves.items() if m != "control"}, 0.1)) == []
 
 
 def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
@@ -92,7 +127,8 @@ def test_metarm_round_curves_continue_the_previous_round():
 
 
 def test_primary_endpoints_and_the_paired_analysis():
-    from minirlhf.report import endpoints, holm, kl_grid_mean, sign_flip_p, split_half_peak
+    from minirlhf.contrasts import endpoints, kl_grid_mean, split_half_peak
+    from minirlhf.stats import holm, sign_flip_p
     curve = [{"eval/kl": 0.0, "eval/gold": 1.0, "gold_per_prompt": [1.0, 1.0, 1.0, 1.0]},
              {"eval/kl": 2.0, "eval/gold": 3.0, "gold_per_prompt": [5.0, 1.0, 5.0, 1.0]},
              {"eval/kl": 4.0, "eval/gold": 2.0, "gold_per_prompt": [1.0, 3.0, 1.0, 3.0]}]
