@@ -13,6 +13,7 @@
 Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes. Writes
 out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
 """
+from minirlhf import dist
 from minirlhf.config import ReportConfig, UsageError
 from minirlhf.experiment import KNOWN_METHODS, run_report
 from minirlhf.runtime import main
@@ -21,6 +22,9 @@ from minirlhf.validate import validate
 
 def check(cfg):
     validate(cfg)
+    if dist.under_torchrun():
+        raise UsageError("experiments.py runs on one process (not under torchrun): to use more "
+                         "cores, start processes that split the seeds (--first_seed, --seeds)")
     if cfg.data:
         raise UsageError(f"--data={cfg.data!r}: the report runs the embedded tasks (cells are "
                          "keyed by task); run train_ppo.py and refine.py on a file")

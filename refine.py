@@ -21,11 +21,10 @@
 
 Reuses out_dir's SFT policy, proxy RM and vanilla PPO policy when present (trains them otherwise).
 """
-import os
-
+from minirlhf import dist
 from minirlhf.config import RefineConfig, UsageError
-from minirlhf.pipeline import prepare_rl
 from minirlhf.iterated import big_rm_ppo, gold_ppo, iterated_rounds
+from minirlhf.pipeline import prepare_rl
 from minirlhf.refinement import (ITERATED_METHODS, META_METHODS, RLP_METHODS, eta_sweep,
                                  meta_rounds, rlp_round)
 from minirlhf.rm import load_preferences
@@ -54,9 +53,9 @@ def run(cfg):
 
 def check(cfg):
     validate(cfg, methods=METHODS)
-    if os.environ.get("WORLD_SIZE", "1") != "1":
-        raise UsageError("refine.py runs on one process "
-                         "(torchrun: train_sft.py, train_rm.py, train_ppo.py)")
+    if dist.under_torchrun():
+        raise UsageError("refine.py runs on one process (not under torchrun): torchrun runs "
+                         "train_sft.py, train_rm.py and train_ppo.py")
 
 
 if __name__ == "__main__":

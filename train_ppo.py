@@ -11,7 +11,6 @@
 Reuses out_dir/sft.pt and rm.pt when present and made under the same settings
 (trains them otherwise).
 """
-import os
 
 from minirlhf import dist
 from minirlhf.config import PPOConfig, UsageError
@@ -49,7 +48,7 @@ def run(cfg):
 
 def check(cfg):
     validate(cfg, methods=("ppo", "bon"))
-    if cfg.method == "bon" and os.environ.get("WORLD_SIZE", "1") != "1":
+    if cfg.method == "bon" and dist.under_torchrun():
         raise UsageError("--method=bon runs on one process (not under torchrun)")
 
 

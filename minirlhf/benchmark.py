@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from .data import encode_prompts
 from .generate import generate, generate_no_cache, left_pad, sequence_logprobs
 from .model import GPT, GPTConfig, ScalarModel
-from .runtime import adamw
 from .ppo_trainer import ppo_update, rollout
+from .runtime import adamw
 from .tasks import get_task
 
 SIZES = {"default": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=64, n_positions=64),
@@ -148,6 +148,7 @@ def check_logprobs_close(model, hf, prompt, pm, N, tol=1e-4):
         theirs = logits.float().log_softmax(-1).gather(-1, resp[..., None]).squeeze(-1)
         err = (theirs - logp).abs().max().item()
         assert err < tol, f"HF and our log-probs differ by {err:.2g}"
+
 
 def peak_flops(device):
     """Measured peak: a large matmul in the training dtype (fp32 on CPU, bf16 on CUDA)."""

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 
 import torch
 
@@ -52,6 +53,10 @@ def load(path, expect=None, fields=()):
     fields is refused (see `check_made_with`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    # else torch's unpickler reads any text as a legacy pickle and advises weights_only=False
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: corrupt or truncated checkpoint (not the zip archive that "
+                         "torch.save writes)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

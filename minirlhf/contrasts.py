@@ -3,14 +3,15 @@ paired contrasts between methods with Holm's adjustment, how each contrast reads
 says about each paper's claim. report.py formats the result."""
 from .stats import holm, mean_ci, sign_flip_p
 
-def gold_at_kl(history, target_kl, key="eval/gold"):
-    """`key` interpolated linearly at the first point where the evaluated KL reaches `target_kl`
+
+def gold_at_kl(history, target_kl):
+    """Gold interpolated linearly at the first point where the evaluated KL reaches `target_kl`
     (evaluations in iteration order); None if the run never got that far from SFT."""
     for a, b in zip(history, history[1:]):
         if a["eval/kl"] <= target_kl <= b["eval/kl"]:
             w = (0.0 if b["eval/kl"] == a["eval/kl"]
                  else (target_kl - a["eval/kl"]) / (b["eval/kl"] - a["eval/kl"]))
-            return a[key] + w * (b[key] - a[key])
+            return a["eval/gold"] + w * (b["eval/gold"] - a["eval/gold"])
     return None
 
 

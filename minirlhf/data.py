@@ -56,9 +56,13 @@ class Codec:
     """How one run turns texts into batches: its tokenizer, the room for prompt and
     response, its device."""
     tok: object
+    """The tokenizer (tokenizer.Tokenizer)."""
     prompt_len: int
+    """Room for a prompt (BOS included): a longer one keeps its last tokens."""
     max_new_tokens: int
+    """Room for a response (EOS included)."""
     device: object = "cpu"
+    """Where the batches are built."""
 
     def prompts(self, prompts):
         return encode_prompts(self.tok, prompts, self.device, max_len=self.prompt_len)

@@ -48,6 +48,12 @@ def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def under_torchrun():
+    """Whether torchrun started this process beside other ranks (readable before `init`, so that
+    a script that runs on one process can refuse before any work)."""
+    return os.environ.get("WORLD_SIZE", "1") != "1"
+
+
 def is_main():
     return rank() == 0
 

@@ -17,8 +17,8 @@ import torch
 
 from . import seeds
 from .data import Codec, DataError
-from .model import load_model, save_model
 from .config import made_with
+from .model import load_model, save_model
 from .rm import bt_step, normalize_on, rm_accuracy, sample_pairs, score_texts, train_reward_model
 from .runtime import write_summary
 from .tasks import split_of

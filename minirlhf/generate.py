@@ -23,21 +23,6 @@ def left_pad(seqs, pad_id, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def _filter_logits(logits, top_k, top_p):
-    """Mask logits outside the top-k / nucleus top-p set with -inf. logits (B, V)."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # keep the smallest prefix whose mass reaches top_p
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 class GraphedDecodeStep:
     """One decode step (B new tokens -> next-token logits (B, V)) captured once as a CUDA graph,
     then replayed: one launch per token instead of a dozen per layer, which is what bounds
@@ -76,30 +61,31 @@ class GraphedDecodeStep:
 
 
 @torch.no_grad()
-def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0, top_k=0,
-             top_p=1.0, greedy=False, stop_early=True, generator=None, check_every=8, rows=None,
+def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, temperature=1.0,
+             greedy=False, stop_early=True, generator=None, check_every=8, rows=None,
              cuda_graph=True):
     """Sample up to `max_new_tokens` per row. Returns (response (B, N), logprobs (B, N),
     response_mask (B, N)).
 
-    logprobs are under the distribution actually sampled from (temperature, then top-k/top-p); 0
-    on padding. Rows that emitted EOS keep producing PAD. With `stop_early`, the loop ends once
-    every row is done, checked only every `check_every` steps so that CUDA never waits on the host
-    each token; `stop_early=False` is the fixed-length mode (exactly max_new_tokens steps, no host
-    sync at all). Sampling is by inverse CDF with one uniform per row and step.
-    `rows=(first, total)` says this batch is rows first.. of a global batch of `total`
-    (data parallel): uniforms are drawn for the whole global batch, so a row gets the same tokens
-    however the batch is split across processes. On CUDA the decode step is replayed as a CUDA
-    graph unless `cuda_graph=False` (the eager reference).
+    logprobs are under the distribution actually sampled from (the model's at `temperature`:
+    PPO's ratio needs the policy's own probabilities); 0 on padding. Rows that emitted EOS keep
+    producing PAD. With `stop_early`, the loop ends once every row is done, checked only every
+    `check_every` steps so that CUDA never waits on the host each token; `stop_early=False` is
+    the fixed-length mode (exactly max_new_tokens steps, no host sync at all). Sampling is by
+    inverse CDF with one uniform per row and step. `rows=(first, total)` says this batch is rows
+    first.. of a global batch of `total` (data parallel): uniforms are drawn for the whole
+    global batch, so a row gets the same tokens however the batch is split across processes. On
+    CUDA the decode step is replayed as a CUDA graph unless `cuda_graph=False` (the eager
+    reference).
     """
     B, P = prompt.shape
     first, total = rows or (0, B)
     device = prompt.device
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.cfg, B, P + max_new_tokens, device, dtype)
-    response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    response = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, N)
+    logprobs = torch.zeros((B, max_new_tokens), device=device)  # (B, N)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) emitted EOS
     # (B, 1) position id of each row's last prompt token
     pos = prompt_mask.long().sum(-1, keepdim=True) - 1
     h = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0), cache=cache,
@@ -110,7 +96,7 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
             and max_new_tokens > 1 else lambda tok, pos: model(tok, ones, pos, cache=cache)[:, -1])
     n = max_new_tokens
     for t in range(max_new_tokens):
-        logits = _filter_logits(logits.float() / temperature, top_k, top_p)  # (B, V)
+        logits = logits.float() / temperature  # (B, V)
         logp = F.log_softmax(logits, dim=-1)
         if greedy:
             tok = logits.argmax(-1)

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import score_with
 from .reward import bt_loss
+from .runtime import clip_and_check
 
 
 def difference_objective(rewards):
@@ -57,7 +58,7 @@ def meta_step(rm, optimizer, pref_batch, meta_batch, eta, k, grad_clip=None):
         for p, b in zip(params, backup):
             p.copy_(b)  # back to theta; the gradient stays in p.grad
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip_and_check(params, grad_clip, "MetaRM")
     optimizer.step()
     return {"J": J.item(), "J_shifted": J_shifted, "loss": loss.item(), "shift_norm": shift}
 
@@ -71,14 +72,19 @@ def meta_step_second_order(rm, optimizer, pref_batch, meta_batch, eta, k, grad_c
     J = difference_objective(rm.score(*meta_batch).view(-1, k))
     grads = torch.autograd.grad(J, params, create_graph=True, allow_unused=True)
     shifted = {n: p + eta * g if g is not None else p for n, p, g in zip(names, params, grads)}
-    loss = _pref_loss(lambda *a, **kw: functional_call(rm, shifted, a, kw), pref_batch)
+
+    def at_shifted(*args, **kwargs):  # the RM's forward at theta'
+        return functional_call(rm, shifted, args, kwargs)
+    loss = _pref_loss(at_shifted, pref_batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    with torch.no_grad():
+        J_shifted = difference_objective(score_with(at_shifted, *meta_batch).view(-1, k)).item()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        clip_and_check(params, grad_clip, "MetaRM")
     optimizer.step()
     shift = math.sqrt(sum(float((eta * g.detach()).pow(2).sum()) for g in grads if g is not None))
-    return {"J": J.item(), "loss": loss.item(), "shift_norm": shift}
+    return {"J": J.item(), "J_shifted": J_shifted, "loss": loss.item(), "shift_norm": shift}
 
 
 def metarm_step(codec, prompts, samples, eta, k, meta_prompts, second_order, grad_clip, rng, log):

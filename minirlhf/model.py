@@ -23,13 +23,21 @@ from .checkpoint import atomic_save, load
 
 @dataclass
 class GPTConfig:
+    """The model's shape, under Hugging Face GPT-2's names (the defaults are GPT-2 small's)."""
     vocab_size: int = 50257
+    """Rows of the token embedding, tied to the LM head."""
     n_positions: int = 1024
+    """Rows of the learned position embedding: the longest sequence."""
     n_embd: int = 768
+    """Width of the residual stream (C)."""
     n_layer: int = 12
+    """Transformer blocks."""
     n_head: int = 12
+    """Attention heads per block; each is n_embd // n_head wide."""
     dropout: float = 0.0
+    """On attention weights, residual branches and embeddings; 0 at RL time."""
     layer_norm_epsilon: float = 1e-5
+    """LayerNorm's epsilon (GPT-2's 1e-5)."""
 
 
 class KVCache:
@@ -223,14 +231,18 @@ class GPT(nn.Module):
         st_path, bin_path = (os.path.join(folder, "model.safetensors"),
                              os.path.join(folder, "pytorch_model.bin"))
         if os.path.exists(bin_path):
-            sd = torch.load(bin_path, map_location="cpu", weights_only=True)
+            sd = load(bin_path)
         elif os.path.exists(st_path):
             try:
                 from safetensors.torch import load_file  # optional dependency, only for this format
             except ImportError:
                 raise OSError(f"{st_path}: reading it needs the optional package safetensors "
                               "(pip install safetensors)") from None
-            sd = load_file(st_path)
+            try:
+                sd = load_file(st_path)
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"{st_path}: corrupt or truncated ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
         else:
             raise FileNotFoundError(f"{folder}: neither pytorch_model.bin nor model.safetensors")
         model = cls(cfg)
@@ -264,11 +276,11 @@ class ScalarModel(nn.Module):
         self.gpt = gpt
         d = gpt.cfg.n_embd
         self.head = nn.Linear(d, 1)
-        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))  # ALGORITHMS.md §1
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(d + 1))  # ALGORITHMS.md §5.1
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, idx, attention_mask=None, position_ids=None, return_hidden=False):
-        h = self.gpt(idx, attention_mask, position_ids, return_hidden=True)  # (B, T, C)
+    def forward(self, idx, attention_mask=None, return_hidden=False):
+        h = self.gpt(idx, attention_mask, return_hidden=True)  # (B, T, C)
         values = self.head(h).squeeze(-1)  # (B, T)
         return (values, h) if return_hidden else values
 

@@ -8,22 +8,18 @@ import torch
 from .model import last_token_index
 
 
-def masked_mean(x, mask, dim=None):
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(x, mask):
     return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
 
-def masked_whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens only; shift_mean=False keeps the mean
-    (used for rewards)."""
+def masked_whiten(x, mask):
+    """(x - mean) / std over the real tokens only (the advantages), 0 on padding."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    return (whitened if shift_mean else whitened + mean) * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def shaped_rewards(score, logprobs, ref_logprobs, mask, kl_coef):

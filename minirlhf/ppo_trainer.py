@@ -4,7 +4,7 @@ One iteration, as the algorithm numbers it:
     1. sample a response per prompt from the policy          (rollout)
     2. log-probs of the policy and the reference, values      (rollout)
     3. score the responses with the RM                        (rollout)
-    4. shaped per-token rewards: -beta * KL, + score at EOS    (rollout)
+    4. shaped per-token rewards: -beta * KL, + score at the last token (rollout)
     5. GAE advantages and returns                             (rollout)
     6. whiten the advantages over valid tokens                (rollout)
     7. epochs of clipped policy and value updates             (ppo_update)
@@ -65,8 +65,9 @@ def rollout(policy, ref, critic, rm, prompt, prompt_mask, eos_id, pad_id, cfg, g
     ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)
     values = critic_values(critic, p, pm, r, rmask)
     # 3. score; a response cut off before EOS gets the no-EOS penalty instead (§1.3)
-    finished = (r == eos_id).any(-1)
-    score = ppo.sequence_reward(rm.score(p, pm, r, rmask).float(), finished, cfg.no_eos_penalty)
+    finished = (r == eos_id).any(-1)  # (B,)
+    score = ppo.sequence_reward(rm.score(p, pm, r, rmask).float(), finished,
+                                cfg.no_eos_penalty)  # (B,)
     p, pm, r, rmask, logp, ref_logp, values, score, finished = dist.gather_rows(
         p, pm, r, rmask, logp, ref_logp, values, score, finished)
     rewards, kl = ppo.shaped_rewards(score, logp, ref_logp, rmask, kl_coef)  # 4.
@@ -102,13 +103,13 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
             values = critic_values(critic, mb["p"], mb["pm"], mb["r"], mb["rmask"])
             vf_loss, vf_stats = ppo.value_loss(values, mb["values"], mb["returns"], mb["rmask"],
                                                cfg.vf_clip)
-            check_finite(pg_loss + vf_loss, "PPO", 0)
+            check_finite(pg_loss + vf_loss, "PPO")
             for model, opt, loss, what in ((policy, opt_pi, pg_loss, "PPO policy"),
                                            (critic, opt_v, cfg.vf_coef * vf_loss, "PPO critic")):
                 opt.zero_grad(set_to_none=True)
                 (share * loss).backward()
                 dist.sync_grads(model.parameters())
-                clip_and_check(model.parameters(), cfg.grad_clip, what, 0)
+                clip_and_check(model.parameters(), cfg.grad_clip, what)
                 opt.step()
             step_stats = {**pg_stats, **vf_stats, "ppo/loss/policy": pg_loss.item(),
                           "ppo/loss/value": vf_loss.item(),
@@ -134,9 +135,9 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, critic
     initialised from the RM (an ensemble's first member). Evaluates with the gold judge every
     cfg.eval_every iterations on `eval_split` prompts; checkpoints to out_dir/<name>.pt. A run that
-    continues another (a MetaRM round) passes `first_iter`: its iteration `it` draws the prompts
-    and randomness of iteration first_iter + it, so it never replays the earlier run's batches.
-    Returns (policy, history of evaluation dicts)."""
+    continues another (a round of MetaRM or of an iterated method) passes `first_iter`: its
+    iteration `it` draws the prompts and randomness of iteration first_iter + it, so it never
+    replays the earlier run's batches. Returns (policy, history of evaluation dicts)."""
     task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     ref = sft.eval()
     policy = copy.deepcopy(init_policy if init_policy is not None else sft)

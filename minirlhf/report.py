@@ -10,6 +10,7 @@ from .stats import mean_ci
 
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
 
+
 def fmt(mean, half, n, digits=3, signed=False):
     """'mean ± half-width', or the bare value when there is one seed (no interval to show); with
     `signed`, a difference's sign is always shown (+0.5, not 0.5)."""
@@ -64,16 +65,18 @@ def paired_lines(per_seed, names, delta):
         d = r["diffs"]
         holm_p = f"{r['holm']:.3f}" if "holm" in r else "—"
         lines.append(f"| {label(r['method'])} − {label(r['baseline'])} | {r['endpoint']} "
-                     f"| {fmt(*mean_ci(d), len(d), signed=True)} | {sum(x > 0 for x in d)}/{len(d)} "
-                     f"| {r['p']:.3f} | {holm_p} | {r.get('reading', '—')} |")
+                     f"| {fmt(*mean_ci(d), len(d), signed=True)} "
+                     f"| {sum(x > 0 for x in d)}/{len(d)} | {r['p']:.3f} | {holm_p} "
+                     f"| {r.get('reading', '—')} |")
     found = claims(rows)
     if found:
         lines += ["", "## Claims (pre-registered reading; README)", "",
-                  "A paper's claim that its method helps reproduces when the method reads better on "
-                  "at least one primary endpoint and worse on none, both against PPO and against its "
-                  "matching control; it is contradicted when, against PPO or against that control, "
-                  "it reads equivalent or worse on both; anything else this testbed cannot decide "
-                  "at this many seeds. The numbers are in the table above.", "",
+                  "A paper's claim that its method helps reproduces when the method reads better "
+                  "on at least one primary endpoint and worse on none, both against PPO and "
+                  "against its matching control; it is contradicted when, against PPO or against "
+                  "that control, it reads equivalent or worse on both; anything else this "
+                  "testbed cannot decide at this many seeds. The numbers are in the table above.",
+                  "",
                   "| method | matching control | claim |", "|---|---|---|"]
         lines += [f"| {label(m)} | {label(c)} | {reading} |" for m, c, reading in found]
     return lines
@@ -110,7 +113,7 @@ def bon_lines(per_seed, names, bon):
 
 
 def policies(cell, method):
-    """(name, PPO summary) of every policy a cell produced: one, or one per MetaRM round
+    """(name, PPO summary) of every policy a cell produced: one, or one per round
     (none if not run yet)."""
     if method == "bon" or not cell:
         return []
@@ -123,6 +126,13 @@ def policies(cell, method):
         curve = curve + [{**p, "iter": start + p["iter"]} for p in r["curve"]]
         out.append((f"{method} r{r['round']}", {**r, "curve": curve}))
     return out
+
+
+def show(outcomes):
+    """Win/tie/lose fractions (per seed) as 'w/t/l' percentages, averaged over seeds."""
+    if not outcomes:
+        return "n/a"
+    return "/".join(f"{100 * sum(x[i] for x in outcomes) / len(outcomes):.0f}" for i in range(3))
 
 
 def trajectories(names):
@@ -139,7 +149,7 @@ def write_report(cfg, results, methods):
     cell = {(s, m): results.get(f"{cfg.task}/{s}/{m}") for s in seeds for m in methods}
     names = []  # every policy name in report order, and its summaries per seed
     per_seed = {}
-    for m in methods[1:]:
+    for m in methods:
         for s in seeds:
             for name, summ in policies(cell[(s, m)], m):
                 if name not in per_seed:
@@ -148,9 +158,9 @@ def write_report(cfg, results, methods):
     lines = [f"# minirlhf reproduction report: `{cfg.task}`, {len(seeds)} seed(s)", "",
              f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on "
              f"{cfg.eval_prompts} held-out prompts; win-rate vs SFT counts ties as half. "
-             "'final' is the last PPO iteration, 'peak' the best-gold evaluation. MetaRM round r "
-             "continues round r-1's policy: its curve and matched-KL gold cover rounds 1..r, its "
-             "peak round r alone.", "",
+             "'final' is the last PPO iteration, 'peak' the best-gold evaluation. Round r (of "
+             "MetaRM or an iterated method) continues round r-1's policy: its curve and "
+             "matched-KL gold cover rounds 1..r, its peak round r alone.", "",
              "## Gold win-rate vs SFT and gold reward", "",
              "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak "
              "| KL (final) |",
@@ -196,8 +206,6 @@ def write_report(cfg, results, methods):
                 w = win_tie_lose(f["gold_per_prompt"],
                                  per_seed["ppo"][s]["final"]["gold_per_prompt"])
                 vs_ppo.append((w["win"], w["tie"], w["lose"]))
-        show = lambda t: ("/".join(f"{100 * sum(x[i] for x in t) / len(t):.0f}" for i in range(3))
-                          if t else "n/a")
         lines.append(f"| {label(name)} | {show(vs_sft)} | {show(vs_ppo)} |")
     lines += ["", "## Gold at matched KL (interpolated along each run) ", "",
               "A run of rounds is one trajectory: its row is its last round, whose curve holds the "
@@ -237,6 +245,7 @@ def write_report(cfg, results, methods):
     with open(os.path.join(cfg.out_dir, cfg.task, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     write_curves(cfg, seeds, per_seed, names, bon)
+
 
 def write_curves(cfg, seeds, per_seed, names, bon):
     """curves.csv (always) and curves.png (with matplotlib): gold and proxy vs sqrt(KL)

@@ -9,7 +9,7 @@ from .model import ScalarModel
 
 
 def bt_loss(r_chosen, r_rejected):
-    """L_R = -mean log sigmoid(r(x, y_w) - r(x, y_l))   (ALGORITHMS.md §1)."""
+    """L_R = -mean log sigmoid(r(x, y_w) - r(x, y_l))   (ALGORITHMS.md §1.2)."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
@@ -24,11 +24,11 @@ def reward_model_from(sft):
 
 
 @torch.no_grad()
-def normalize(rm, rewards, scale=True):
-    """Shift (and scale) the head so that `rewards` — the RM's scores of SFT samples — get
+def normalize(rm, rewards):
+    """Shift and scale the head so that `rewards` — the RM's scores of SFT samples — get
     mean 0 and std 1. Keeps the KL coefficient meaningful across RMs (a method must not win by
     inflating its scale: ALGORITHMS.md §1.2)."""
-    mean, std = rewards.mean(), (rewards.std() if scale else torch.tensor(1.0))
+    mean, std = rewards.mean(), rewards.std()
     rm.head.weight.div_(std)
     rm.head.bias.sub_(mean).div_(std)
     return mean.item(), std.item()

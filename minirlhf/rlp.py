@@ -49,15 +49,14 @@ class MIBHead(nn.Module):
     def encode(self, h):
         mu = self.mu(h)
         sigma = F.softplus(self.sigma(h)) + 1e-7
-        # reparameterisation: z = mu + sigma * eps
+        # reparameterised (z = mu + sigma * eps), so that gradients flow through the sample
         return mu, sigma, mu + sigma * torch.randn_like(mu)
 
 
 def mib_loss(head, h1, h2, beta=1.0):
     """L_M = -I_hat(z1; z2) + beta * SKL(p(z | v1), p(z | v2)) for two views (B, d) of the same
     B prompts. Negatives: z1 rolled by one position, i.e. paired with another prompt's z2.
-    beta = 0 is the MVI ablation. (beta is our knob: the paper has none; ALGORITHMS.md sets it
-    to 1 by default.)"""
+    beta = 0 is the MVI ablation. (beta is our knob, --mib_beta: the paper has none.)"""
     assert h1.shape[0] >= 2, "the JS estimator needs >= 2 prompts per batch for its negatives"
     mu1, s1, z1 = head.encode(h1)
     mu2, s2, z2 = head.encode(h2)
@@ -126,6 +125,9 @@ def uml_step(codec, prompts, samples, head, rng, uml_lambda, mib_beta, grad_clip
     view pairs from P (two different samples of one prompt are its two views). `head` is the MIBHead
     trained beside the RM."""
     views = [(p, ys) for p, ys in zip(prompts, samples) if len(set(ys)) >= 2]
+    if len(views) < 2:  # the JS estimator's negatives are other prompts' views
+        raise ValueError(f"RLP-UML: {len(views)} of {len(prompts)} prompts have two distinct "
+                         "policy samples; L_M needs at least 2 (more --n_samples?)")
 
     def step(rm, opt, batch):
         rc, rr = pair_rewards(rm, codec, *zip(*batch))
@@ -138,7 +140,7 @@ def uml_step(codec, prompts, samples, head, rng, uml_lambda, mib_beta, grad_clip
         loss = loss_r + uml_lambda * loss_m
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip_and_check(list(rm.parameters()) + list(head.parameters()), grad_clip, "RM (UML)", 0)
+        clip_and_check(list(rm.parameters()) + list(head.parameters()), grad_clip, "RM (UML)")
         opt.step()
         return {"loss": loss.item(), "bt": loss_r.item(), "acc": pairwise_accuracy(rc, rr), **stats}
     return step

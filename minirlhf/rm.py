@@ -18,14 +18,13 @@ from tqdm import tqdm
 
 from . import dist, seeds
 from .checkpoint import atomic_write_json
-from .model import load_model, save_model
 from .config import made_with
 from .data import Codec, gold_label
+from .model import load_model, save_model
 from .reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from
 from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
                       write_summary)
 from .sft import sample
-
 
 
 def pair_rewards(rm, codec, prompts, chosen, rejected):
@@ -113,11 +112,11 @@ def bt_step(codec, grad_clip):
         local = dist.shard(batch)
         rc, rr = pair_rewards(rm, codec, *zip(*local))
         loss = bt_loss(rc, rr) * len(local) / len(batch)
-        check_finite(loss, "RM", 0)
+        check_finite(loss, "RM")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         dist.sync_grads(rm.parameters())
-        clip_and_check(rm.parameters(), grad_clip, "RM", 0)
+        clip_and_check(rm.parameters(), grad_clip, "RM")
         opt.step()
         return {"loss": dist.all_sum(loss.item()), "acc": pairwise_accuracy(rc, rr)}
     return step
@@ -171,7 +170,7 @@ def train_rm(cfg, source, sft, device):
     saved to out_dir. Returns the summary."""
     codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
     train, held_noisy, held_clean, sft_samples = preference_data(sft, source, codec, cfg)
-    norm_prompts = [p for p, _, _ in train][:len(sft_samples)]
+    norm_prompts = [p for p, _, _ in train]
     atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean,
                            norm_prompts=norm_prompts, sft_samples=sft_samples),
                       os.path.join(cfg.out_dir, "preferences.json"))

@@ -52,15 +52,16 @@ def adamw(params, **kw):
     return torch.optim.AdamW(params, fused=True, **kw)
 
 
-def check_finite(value, what, step, name="loss"):
+def check_finite(value, what, step=None, name="loss"):
     """NaN guard: stop with a message instead of taking a poisoned step or writing a
-    poisoned checkpoint."""
+    poisoned checkpoint (`step` where the caller knows it)."""
     if not torch.isfinite(torch.as_tensor(value)):
-        raise FloatingPointError(f"{what}: non-finite {name} {float(value)} at step {step}; "
+        at = "" if step is None else f" at step {step}"
+        raise FloatingPointError(f"{what}: non-finite {name} {float(value)}{at}; "
                                  "the last checkpoint was kept (lower the learning rate?)")
 
 
-def clip_and_check(params, max_norm, what, step):
+def clip_and_check(params, max_norm, what, step=None):
     """Clip the gradient norm, and refuse to step on a non-finite gradient."""
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     check_finite(norm, what, step, "gradient norm")

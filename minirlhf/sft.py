@@ -20,7 +20,6 @@ from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, co
                       print_table, write_summary)
 
 
-
 def build_policy(cfg, source):
     """A fresh GPT of the config's size, or the --init_from checkpoint with rows for the
     tokenizer's appended special tokens."""
@@ -65,8 +64,7 @@ def train_sft(cfg, source, device):
     model = build_policy(cfg, source).to(device)
     print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, "
           f"{cfg.sft_steps} steps x {cfg.sft_batch}")
-    opt = adamw(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))
+    opt = adamw(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     state_path, start = os.path.join(cfg.out_dir, "sft_state.pt"), 0
     if cfg.resume and os.path.exists(state_path):
         state = load(state_path, fields=("model", "opt", "step"))

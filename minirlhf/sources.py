@@ -39,8 +39,11 @@ class FileSource:
         self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)
         saved = os.path.join(cfg.out_dir, "tokenizer.json")
-        # later stages must reuse the exact vocabulary SFT was trained with
-        if os.path.exists(saved):
+        # later stages must reuse the exact vocabulary SFT was trained with; one left by a run
+        # that trained nothing must not outlive the options that made it
+        trained = os.path.exists(os.path.join(cfg.out_dir, "sft.pt")) or (
+            cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "sft_state.pt")))
+        if trained and os.path.exists(saved):
             self.tokenizer = Tokenizer.load(saved)
         elif cfg.tokenizer:
             self.tokenizer = gpt2_bpe(os.path.join(cfg.tokenizer, "vocab.json"),

@@ -1,11 +1,13 @@
 """Every option checked before any work starts: a bad one is a UsageError naming it (exit
 code 2, in seconds)."""
 import json
+import math
 import os
 from dataclasses import fields
 
 import torch
 
+from .checkpoint import load
 from .config import PRESETS, UsageError
 from .refinement import round_weights
 from .tasks import TASKS
@@ -20,9 +22,18 @@ def validate(cfg, methods=None):
         if option in names and not ok:
             raise UsageError(f"--{option}={getattr(cfg, option)!r}: {why}")
 
+    # 1e999 parses as inf, which every range check below would pass
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        need(not isinstance(value, float) or math.isfinite(value), f.name, "must be finite")
     need(cfg.out_dir.strip() != "", "out_dir", "must name a folder")
     need(not os.path.exists(cfg.out_dir) or os.path.isdir(cfg.out_dir), "out_dir",
          "exists and is not a folder")
+    above = os.path.dirname(os.path.abspath(cfg.out_dir))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    need(os.path.isdir(above), "out_dir", f"{above} is a file, not a folder")
+    need(0 <= cfg.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
     need(cfg.task in TASKS, "task", f"expected one of {sorted(TASKS)}")
     need(cfg.preset in PRESETS, "preset", f"expected one of {sorted(PRESETS)}")
     need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device",
@@ -41,7 +52,7 @@ def validate(cfg, methods=None):
         need(getattr(cfg, option, 1) >= 1, option, "must be >= 1")
     for option in ("first_seed", "warmup", "weight_decay", "kl_coef", "kl_target", "vf_coef",
                    "uml_lambda", "mib_beta", "spg_gamma", "meta_eta", "meta_temp_delta", "sft_lr",
-                   "rm_lr", "ppo_lr", "critic_lr", "eval_dense"):
+                   "rm_lr", "ppo_lr", "critic_lr", "eval_dense", "oracle_pairs"):
         need(getattr(cfg, option, 0) >= 0, option, "must be >= 0")
     for option in ("temperature", "label_tau", "grad_clip", "clip", "vf_clip", "kl_horizon"):
         need(getattr(cfg, option, 1) > 0, option, "must be > 0")
@@ -49,6 +60,11 @@ def validate(cfg, methods=None):
         need(0 <= getattr(cfg, option, 0) < 1, option, "must be in [0, 1)")
     need(0 <= getattr(cfg, "gamma", 1) <= 1, "gamma", "must be in [0, 1]")
     need(0 <= getattr(cfg, "lam", 1) <= 1, "lam", "must be in [0, 1]")
+    need(getattr(cfg, "n_samples", 2) >= 2, "n_samples",
+         "must be >= 2 (RLP compares samples of one prompt)")
+    if "uml" in getattr(cfg, "method", ""):  # the JS estimator's negatives are other prompts
+        need(cfg.rm_batch >= 2, "rm_batch", f"must be >= 2 for --method={cfg.method}")
+        need(cfg.refine_prompts >= 2, "refine_prompts", f"must be >= 2 for --method={cfg.method}")
     need(cfg.n_embd % cfg.n_head == 0, "n_head", f"must divide --n_embd={cfg.n_embd}")
     need(cfg.max_new_tokens <= cfg.block_size - 2, "max_new_tokens",
          f"leaves no room for a prompt in --block_size={cfg.block_size} "
@@ -79,6 +95,10 @@ def validate(cfg, methods=None):
         need(cfg.data, "gold_rm", "needs --data=FILE: the embedded tasks have their own gold")
         need(os.path.isfile(cfg.gold_rm), "gold_rm",
              "no such file" if not os.path.exists(cfg.gold_rm) else "not a file")
+        try:  # read now: it is otherwise first read after SFT has trained
+            load(cfg.gold_rm, fields=("model", "gpt_config"))
+        except ValueError as e:
+            raise UsageError(f"--gold_rm={cfg.gold_rm!r}: {e}") from None
     if cfg.init_from:
         need(cfg.data and cfg.tokenizer, "init_from", "needs --data=FILE and its --tokenizer=DIR "
              "(GPT-2's vocab.json + merges.txt): the embedded tasks have their own small "
@@ -88,10 +108,23 @@ def validate(cfg, methods=None):
         need(any(os.path.isfile(os.path.join(cfg.init_from, w))
                  for w in ("pytorch_model.bin", "model.safetensors")), "init_from",
              "has neither pytorch_model.bin nor model.safetensors")
-        with open(config) as f:
-            positions = json.load(f).get("n_positions", 0)
+        try:
+            with open(config) as f:
+                hf_cfg = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"--init_from={cfg.init_from!r}: config.json is not JSON "
+                             f"({e})") from None
+        need(isinstance(hf_cfg, dict), "init_from", "config.json is not a JSON object")
+        positions = hf_cfg.get("n_positions", 0)
         need(cfg.block_size <= positions, "block_size", f"exceeds the checkpoint's n_positions "
              f"({positions}) in --init_from")
     if cfg.tokenizer:
         for name in ("vocab.json", "merges.txt"):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")
+        try:
+            with open(os.path.join(cfg.tokenizer, "vocab.json")) as f:
+                vocab = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"--tokenizer={cfg.tokenizer!r}: vocab.json is not JSON "
+                             f"({e})") from None
+        need(isinstance(vocab, dict), "tokenizer", "vocab.json is not a JSON object {token: id}")

@@ -72,10 +72,48 @@ def trained(tmp_path_factory):
     ("train_sft.py", ["--rounds=2"], "unknown option --rounds for this script"),
     ("train_sft.py", ["--sft_steps=many"], "--sft_steps='many': expected int"),
     ("bench.py", ["--sizes=nosuch"], "--sizes='nosuch': unknown size 'nosuch'"),
+    ("train_sft.py", ["--seed=-1"], "--seed=-1: must be in [0, 2**32)"),
+    ("train_sft.py", ["--sft_lr=1e999"], "--sft_lr=inf: must be finite"),
+    ("refine.py", ["--n_samples=1"], "--n_samples=1: must be >= 2"),
+    ("refine.py", ["--method=uml", "--rm_batch=1"], "--rm_batch=1: must be >= 2 for --method=uml"),
+    ("refine.py", ["--oracle_pairs=-5"], "--oracle_pairs=-5: must be >= 0"),
+    ("refine.py", ["--data=README.md", "--gold_rm=README.md"], "--gold_rm='README.md': README.md: corrupt or truncated checkpoint"),
 ])
 def test_bad_option_is_one_line_exit_2_before_any_work(tmp_path, script_name, args, message):
     fails([script_name, "--preset=smoke", *args], 2, f"error: {message}", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("args", [["train_ppo.py", "--method=bon"], ["refine.py"], ["experiments.py"]])
+def test_a_one_process_script_refuses_torchrun_before_any_work(tmp_path, args):
+    r = subprocess.run([sys.executable, *args, "--preset=smoke", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "WORLD_SIZE": "2"}, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "runs on one process (not under torchrun)" in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_under_a_file_is_named(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    r = script("train_sft.py", "--preset=smoke", f"--out_dir={tmp_path / 'afile' / 'sub'}")
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"{tmp_path / 'afile'} is a file, not a folder"), r.stderr
+
+
+@pytest.mark.parametrize("config, vocab, message", [
+    ("[1]", "{}", "--init_from=DIR: config.json is not a JSON object"),
+    ("{'n_positions': 64}", "{}", "--init_from=DIR: config.json is not JSON (Expecting property name"),
+    ('{"n_positions": 64}', "{oops", "--tokenizer=DIR: vocab.json is not JSON (Expecting property name"),
+])
+def test_a_malformed_gpt2_folder_is_named(tmp_path, config, vocab, message):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "pytorch_model.bin").write_text("garbage")
+    (folder / "vocab.json").write_text(vocab)
+    (folder / "merges.txt").write_text("")
+    line = fails(["train_sft.py", "--preset=smoke", "--data=README.md", f"--init_from={folder}",
+                  f"--tokenizer={folder}"], 2, "", tmp_path / "out")
+    assert line.replace(repr(str(folder)), "DIR").startswith(f"error: {message}"), line
 
 
 def test_empty_out_dir_is_named(tmp_path):

@@ -90,6 +90,35 @@ def test_a_gold_rm_from_another_run_is_reused(folder):
     assert "gold RM:" not in r.stdout and not (folder / "second" / "gold_rm.pt").exists()
 
 
+def test_a_tokenizer_is_reused_only_beside_the_policy_trained_with_it(folder, tmp_path):
+    """A failed run's tokenizer.json (say, the wrong --tokenizer for --init_from) must not
+    outlive the options that made it; once SFT has trained, its tokenizer is the one to use."""
+    from minirlhf.config import SFTConfig, parse_args
+    from minirlhf.sources import FileSource
+    out = tmp_path / "out"
+    out.mkdir()
+    train_bpe(["a b c"] * 10, vocab_size=260).save(str(out / "tokenizer.json"))  # left behind
+    cfg = parse_args([f"--data={folder / 'pairs.jsonl'}", f"--tokenizer={folder}", f"--out_dir={out}"],
+                     SFTConfig)
+    assert FileSource(cfg).tokenizer.vocab_size == 300  # the folder's, as asked
+    (out / "sft.pt").write_bytes(b"")  # a policy trained with the saved one
+    assert FileSource(cfg).tokenizer.vocab_size < 300
+
+
+def test_a_corrupt_gpt2_weights_file_is_one_line(folder, tmp_path):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text((folder / "gpt2" / "config.json").read_text())
+    (gpt2 / "pytorch_model.bin").write_text("garbage")
+    r = subprocess.run([sys.executable, "train_sft.py", "--preset=smoke", f"--data={folder / 'pairs.jsonl'}",
+                        f"--init_from={gpt2}", f"--tokenizer={folder}", f"--out_dir={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0] == f"error: {gpt2 / 'pytorch_model.bin'}: corrupt or truncated checkpoint (not the zip archive " \
+                       "that torch.save writes)"
+
+
 def test_prompts_split_by_a_stable_hash_and_too_few_are_refused(tmp_path):
     write_pairs(tmp_path / "p.jsonl")
     from minirlhf.data import load_hh_pairs

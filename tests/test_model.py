@@ -59,15 +59,6 @@ def test_generation_is_reproducible_and_stops_at_eos():
             assert all(t == 0 for t in row[row.index(3) + 1:])
 
 
-def test_top_k_one_is_greedy():
-    model = tiny()
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    greedy, _, _ = generate(model, ids, mask, 8, eos_id=1, pad_id=0, greedy=True, stop_early=False)
-    topk, _, _ = generate(model, ids, mask, 8, eos_id=1, pad_id=0, top_k=1, stop_early=False)
-    nucleus, _, _ = generate(model, ids, mask, 8, eos_id=1, pad_id=0, top_p=1e-6, stop_early=False)
-    assert torch.equal(greedy, topk) and torch.equal(greedy, nucleus)
-
-
 def test_response_mask_includes_first_eos_only():
     r = torch.tensor([[4, 5, 2, 0, 0], [4, 4, 4, 4, 4], [2, 0, 0, 0, 0]])
     assert response_mask(r, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]

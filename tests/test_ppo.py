@@ -48,8 +48,6 @@ def test_masked_whiten_ignores_padding():
     assert abs(valid.mean().item()) < 1e-6
     assert abs(valid.var(unbiased=False).item() - 1) < 1e-4
     assert (w[~mask.bool()] == 0).all()
-    kept = ppo.masked_whiten(x, mask, shift_mean=False)[mask.bool()]
-    assert abs(kept.mean().item() - x[mask.bool()].mean().item()) < 1e-5
 
 
 def test_shaped_rewards_put_score_on_last_real_token():

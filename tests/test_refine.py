@@ -181,6 +181,8 @@ def test_second_order_variant_runs_on_math_attention():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     changed, again = tiny_rm(), tiny_rm()
     with sdpa_kernel([SDPBackend.MATH]):
-        meta_step_second_order(changed, torch.optim.SGD(changed.parameters(), lr=0.1), pref, meta, eta=1.0, k=3)
-        meta_step(again, torch.optim.SGD(again.parameters(), lr=0.1), pref, meta, eta=1.0, k=3)
+        s2 = meta_step_second_order(changed, torch.optim.SGD(changed.parameters(), lr=0.1), pref, meta, eta=1.0, k=3)
+        s1 = meta_step(again, torch.optim.SGD(again.parameters(), lr=0.1), pref, meta, eta=1.0, k=3)
     assert any(not torch.allclose(a, b) for a, b in zip(changed.parameters(), again.parameters()))
+    # the same theta' either way, so the same J there (the eta sweep reads it from both)
+    assert s2["J_shifted"] == pytest.approx(s1["J_shifted"], abs=1e-6) and s2["J_shifted"] != s1["J"]
