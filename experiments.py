@@ -25,6 +25,9 @@ def check(cfg):
     if dist.under_torchrun():
         raise UsageError("experiments.py runs on one process (not under torchrun): to use more "
                          "cores, start processes that split the seeds (--first_seed, --seeds)")
+    if cfg.seed != 0:
+        raise UsageError(f"--seed={cfg.seed}: the report runs seeds --first_seed .. --first_seed + "
+                         "--seeds - 1 (--first_seed=K --seeds=1 runs seed K alone)")
     if cfg.data:
         raise UsageError(f"--data={cfg.data!r}: the report runs the embedded tasks (cells are "
                          "keyed by task); run train_ppo.py and refine.py on a file")

@@ -122,8 +122,9 @@ def read_bytes(path):
 
 
 def load_hh_pairs(path):
-    """[(prompt, chosen, rejected)] from an HH-RLHF-style JSONL file (optionally .gz) of
-    {"chosen", "rejected"}. Any bad line raises DataError naming the file, line number and field.
+    """[(prompt, chosen, rejected)] from a JSONL file (optionally .gz) of HH-RLHF dialogues
+    {"chosen", "rejected"}, or of {"prompt", "chosen", "rejected"} with the responses apart from
+    the prompt (TRL's format). Any bad line raises DataError naming the file, line number and field.
     Pairs whose two responses are the same text teach nothing: they are dropped with a warning, and
     a file of nothing else is an error."""
     pairs, same = [], 0
@@ -140,13 +141,14 @@ def load_hh_pairs(path):
             raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object")
-        for field in ("chosen", "rejected"):
+        for field in ("chosen", "rejected") + (("prompt",) if "prompt" in row else ()):
             if field not in row:
                 raise DataError(f"{path}:{lineno}: missing field '{field}'")
             if not isinstance(row[field], str):
                 raise DataError(f"{path}:{lineno}: field '{field}' must be a string, "
                                 f"got {type(row[field]).__name__}")
-        split = _split_dialogue(row["chosen"], row["rejected"])
+        split = ((row["prompt"], row["chosen"], row["rejected"]) if "prompt" in row
+                 else _split_dialogue(row["chosen"], row["rejected"]))
         if split is None:
             raise DataError(f"{path}:{lineno}: field 'chosen': no '\\n\\nAssistant:' turn "
                             "shared with 'rejected'")

@@ -119,6 +119,8 @@ def validate(cfg, methods=None):
         need(cfg.block_size <= positions, "block_size", f"exceeds the checkpoint's n_positions "
              f"({positions}) in --init_from")
     if cfg.tokenizer:
+        need(cfg.data, "tokenizer", "needs --data=FILE: the embedded tasks have their own "
+             "vocabulary")
         for name in ("vocab.json", "merges.txt"):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")
         try:

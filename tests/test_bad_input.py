@@ -73,6 +73,8 @@ def trained(tmp_path_factory):
     ("train_sft.py", ["--sft_steps=many"], "--sft_steps='many': expected int"),
     ("bench.py", ["--sizes=nosuch"], "--sizes='nosuch': unknown size 'nosuch'"),
     ("train_sft.py", ["--seed=-1"], "--seed=-1: must be in [0, 2**32)"),
+    ("experiments.py", ["--seed=3"], "--seed=3: the report runs seeds --first_seed"),
+    ("train_ppo.py", ["--tokenizer=README.md"], "--tokenizer='README.md': needs --data=FILE"),
     ("train_sft.py", ["--sft_lr=1e999"], "--sft_lr=inf: must be finite"),
     ("refine.py", ["--n_samples=1"], "--n_samples=1: must be >= 2"),
     ("refine.py", ["--method=uml", "--rm_batch=1"], "--rm_batch=1: must be >= 2 for --method=uml"),
@@ -141,6 +143,7 @@ PAIR = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: %s", "rejected": "\\n\\nHuma
     ("text.jsonl.gz", PAIR % ("a", "b") + "\n", "text.jsonl.gz: not a valid gzip file"),
     ("cut.jsonl.gz", None, "cut.jsonl.gz: truncated gzip file"),
     ("few.jsonl", PAIR % ("a", "b") + "\n", "few.jsonl: no prompt falls in the '"),
+    ("trl.jsonl", '{"prompt": 3, "chosen": "a", "rejected": "b"}\n', "trl.jsonl:1: field 'prompt' must be a string"),
 ])
 def test_bad_data_file_is_one_line_exit_1(tmp_path, name, content, message):
     import gzip

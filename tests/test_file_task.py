@@ -119,6 +119,16 @@ def test_a_corrupt_gpt2_weights_file_is_one_line(folder, tmp_path):
                        "that torch.save writes)"
 
 
+def test_a_file_with_a_prompt_field_reads_like_the_dialogues(tmp_path):
+    from minirlhf.data import load_hh_pairs
+    write_pairs(tmp_path / "hh.jsonl", n=5)
+    hh = load_hh_pairs(str(tmp_path / "hh.jsonl"))
+    (tmp_path / "trl.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                                                for p, c, r in hh))
+    assert load_hh_pairs(str(tmp_path / "trl.jsonl")) == hh
+    assert hh[0][0].endswith("\n\nAssistant:") and hh[0][1] == " Sure, happy to help with that."
+
+
 def test_prompts_split_by_a_stable_hash_and_too_few_are_refused(tmp_path):
     write_pairs(tmp_path / "p.jsonl")
     from minirlhf.data import load_hh_pairs

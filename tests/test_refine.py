@@ -170,6 +170,12 @@ def test_small_ascent_step_raises_J():
     assert stats["J_shifted"] > stats["J"]
 
 
+def test_uml_without_two_prompts_of_distinct_samples_is_one_error():
+    from minirlhf.rlp import uml_step
+    with pytest.raises(ValueError, match="RLP-UML: 1 of 2 prompts have two distinct policy samples"):
+        uml_step(None, ["a", "b"], [["x", "y"], ["z", "z"]], None, None, 0.5, 1.0, 1.0)
+
+
 def test_second_order_variant_runs_on_math_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     pref, meta = batches()
