@@ -22,8 +22,9 @@
 Reuses out_dir's SFT policy, proxy RM and vanilla PPO policy when present (trains them otherwise).
 """
 from minirlhf import dist
+from minirlhf.ceilings import big_rm_ppo, gold_ppo
 from minirlhf.config import RefineConfig, UsageError
-from minirlhf.iterated import big_rm_ppo, gold_ppo, iterated_rounds
+from minirlhf.iterated import iterated_rounds
 from minirlhf.pipeline import prepare_rl
 from minirlhf.refinement import (ITERATED_METHODS, META_METHODS, RLP_METHODS, eta_sweep,
                                  meta_rounds, rlp_round)

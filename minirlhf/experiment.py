@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_json
 from .evaluate import summarize
-from .iterated import big_rm_ppo, gold_ppo, iterated_rounds
+from .ceilings import big_rm_ppo, gold_ppo
+from .iterated import iterated_rounds
 from .pipeline import prepare_rl
 from .ppo_trainer import best_of_n_baseline, train_ppo
 from .refinement import ITERATED_METHODS, RLP_METHODS, meta_rounds, rlp_round, vanilla_policy

@@ -135,7 +135,7 @@ def test_rounds_start_short_and_share_vanilla_ppos_budget():
 
 
 def test_gold_reward_scores_encoded_texts_like_the_task_normalised(trained):
-    from minirlhf.iterated import GoldReward
+    from minirlhf.ceilings import GoldReward
     out, (device, source, sft, rm) = trained
     task, tok = source.task, source.tokenizer
     prompts = task.sample_prompts(6, __import__("random").Random(0), "eval")
@@ -157,14 +157,14 @@ def test_iterated_refinement_runs_rounds_that_continue_the_policy(trained, metho
 
 
 def test_gold_ppo_ceiling_runs(trained):
-    from minirlhf.iterated import gold_ppo
+    from minirlhf.ceilings import gold_ppo
     out, (device, source, sft, rm) = trained
     result = gold_ppo(smoke(out), source, sft, rm, load_preferences(out), device)
     assert result["final"]["iter"] == 3
 
 
 def test_big_rm_ceiling_trains_on_ten_times_the_pairs(trained):
-    from minirlhf.iterated import big_rm_ppo
+    from minirlhf.ceilings import big_rm_ppo
     out, (device, source, sft, rm) = trained
     result = big_rm_ppo(smoke(out, "--rm_pairs=32"), source, sft, device)
     assert 10 * 32 * 0.8 <= result["rm_pairs"] <= 10 * 32  # identical sample pairs are dropped
