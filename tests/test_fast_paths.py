@@ -22,9 +22,18 @@ def test_static_cache_greedy_equals_no_cache_greedy():
 
 def test_early_stop_equals_fixed_length_up_to_eos():
     model, prompt, pm = model_and_prompts()
-    fixed = generate(model, prompt, pm, 16, eos_id=3, pad_id=0, greedy=True, stop_early=False)[0]
-    early = generate(model, prompt, pm, 16, eos_id=3, pad_id=0, greedy=True, stop_early=True, check_every=2)[0]
-    assert torch.equal(fixed[:, :early.shape[1]], early) and (fixed[:, early.shape[1]:] == 0).all()
+
+    def run(eos_id, stop_early):
+        return generate(model, prompt, pm, 28, eos_id=eos_id, pad_id=0, stop_early=stop_early, check_every=2,
+                        generator=torch.Generator().manual_seed(0))
+    # as EOS, a token every row samples: then every row ends and the loop must stop early
+    eos = min(set.intersection(*(set(row) for row in run(-1, False)[0].tolist())))
+    (fixed, lp_fixed, m_fixed), (early, lp_early, m_early) = run(eos, False), run(eos, True)
+    n = early.shape[1]
+    assert n < 28 and (early == eos).any(1).all()
+    assert torch.equal(fixed[:, :n], early) and (fixed[:, n:] == 0).all()
+    assert torch.equal(lp_fixed[:, :n], lp_early) and (lp_fixed[:, n:] == 0).all()
+    assert torch.equal(m_fixed[:, :n], m_early) and (m_fixed[:, n:] == 0).all()
 
 
 def test_bf16_autocast_path_runs_on_cpu():

@@ -59,6 +59,21 @@ def test_generation_is_reproducible_and_stops_at_eos():
             assert all(t == 0 for t in row[row.index(3) + 1:])
 
 
+def test_sft_loss_is_the_response_tokens_nll_eos_included_prompt_excluded():
+    from minirlhf.data import Codec
+    from minirlhf.sft import sft_loss
+    from minirlhf.tasks import get_task
+    tok = get_task("reviews").tokenizer
+    model = tiny(vocab=tok.vocab_size)
+    prompt, response = "review soup prices positive :", "the soup was great ."
+    loss, n = sft_loss(model, Codec(tok, 16, 16), [prompt], [response])
+    ids = [tok.bos_id] + tok.encode(prompt) + tok.encode(response) + [tok.eos_id]
+    first = 1 + len(tok.encode(prompt))  # the first response token
+    logp = torch.log_softmax(model(torch.tensor([ids])), -1)[0]
+    expected = -sum(logp[t - 1, ids[t]] for t in range(first, len(ids)))
+    assert n == len(ids) - first and torch.allclose(loss, expected, atol=1e-5)
+
+
 def test_response_mask_includes_first_eos_only():
     r = torch.tensor([[4, 5, 2, 0, 0], [4, 4, 4, 4, 4], [2, 0, 0, 0, 0]])
     assert response_mask(r, eos_id=2).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
@@ -72,6 +87,30 @@ def test_hf_layout_round_trip(tmp_path):
     loaded = GPT.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 23, (2, 9))
     torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_hf_layout_is_gpt2s(tmp_path):
+    """Without transformers here: the layout itself. HF's GPT-2 keeps its four Conv1D weights as (in, out), the
+    transpose of nn.Linear's; GPT2Model's keys have no 'transformer.' prefix and it carries causal-mask buffers."""
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    ours = model.state_dict()
+    for name in ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+        for i in range(model.cfg.n_layer):
+            assert torch.equal(sd[f"transformer.h.{i}.{name}"], ours[f"transformer.h.{i}.{name}"].t())
+    bare = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
+    bare |= {f"h.{i}.attn.bias": torch.ones(1, 1, 16, 16) for i in range(model.cfg.n_layer)}
+    torch.save(bare, tmp_path / "pytorch_model.bin")
+    ids = torch.randint(0, 23, (2, 9))
+    torch.testing.assert_close(GPT.from_pretrained(tmp_path).eval()(ids), model(ids))
+    torch.save({**bare, "h.0.attn.extra": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="unexpected tensor 'h.0.attn.extra'"):
+        GPT.from_pretrained(tmp_path)
+    del bare["ln_f.bias"]
+    torch.save(bare, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="missing tensors.*ln_f.bias"):
+        GPT.from_pretrained(tmp_path)
 
 
 def test_from_pretrained_rejects_wrong_shapes(tmp_path):

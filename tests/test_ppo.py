@@ -87,10 +87,53 @@ def test_policy_loss_clips():
     assert stats["ppo/policy/clipfrac"] == 1.0
 
 
+def test_policy_loss_keeps_the_unclipped_term_when_it_is_the_larger_and_ignores_padding():
+    adv = torch.tensor([[1.0, -1.0, 5.0]])
+    ratio = torch.tensor([[0.5, 1.5, 100.0]])  # the third token is padding: its ratio must not count
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, stats = ppo.policy_loss(torch.log(ratio), torch.zeros(1, 3), adv, mask, clip=0.2)
+    # A > 0 with ratio 0.5 and A < 0 with ratio 1.5: the pessimistic (max) term is the unclipped one
+    assert math.isclose(loss.item(), (-0.5 + 1.5) / 2, rel_tol=1e-6)
+    assert stats["ppo/policy/clipfrac"] == 0.0
+    k3 = ((0.5 - 1 - math.log(0.5)) + (1.5 - 1 - math.log(1.5))) / 2
+    assert math.isclose(stats["ppo/policy/approx_kl"], k3, rel_tol=1e-6)
+
+
 def test_value_loss_clipped():
     v, old, ret = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
     loss, _ = ppo.value_loss(v, old, ret, torch.ones(1, 1), clip=0.2)
     assert math.isclose(loss.item(), 0.5 * (0.2 - 1.0) ** 2, rel_tol=1e-6)  # the clipped error is the larger
+    # the unclipped error the larger (the new value overshoots a return below the old one): it counts
+    loss, stats = ppo.value_loss(v, old, torch.tensor([[-1.0]]), torch.ones(1, 1), clip=0.2)
+    assert math.isclose(loss.item(), 0.5 * (1.0 + 1.0) ** 2, rel_tol=1e-6)
+    assert stats["ppo/val/clipfrac"] == 0.0
+
+
+def test_explained_variance():
+    returns, mask = torch.tensor([[1.0, 2.0, 4.0, 99.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert math.isclose(ppo.explained_variance(returns, returns, mask), 1.0)  # a perfect critic
+    assert abs(ppo.explained_variance(torch.zeros(1, 4), returns, mask)) < 1e-6  # a constant one
+    assert abs(ppo.explained_variance(returns.mean() * torch.ones(1, 4), returns, mask)) < 1e-6
+
+
+def test_critic_value_of_token_t_sees_the_tokens_before_t_only():
+    from minirlhf.generate import left_pad
+    from minirlhf.model import GPT, GPTConfig, ScalarModel
+    from minirlhf.ppo_trainer import critic_values
+    torch.manual_seed(0)
+    critic = ScalarModel(GPT(GPTConfig(vocab_size=20, n_positions=16, n_embd=16, n_layer=1, n_head=2))).eval()
+    prompt, pm = left_pad([[5, 6, 7], [8]], pad_id=0)
+    response = torch.tensor([[3, 4, 9, 10], [11, 12, 0, 0]])
+    rmask = (response != 0).long()
+    with torch.no_grad():
+        v = critic_values(critic, prompt, pm, response, rmask)
+        changed = response.clone()
+        changed[:, 1] = 13  # a different token 1: V for token 1 is the state before it, unchanged
+        w = critic_values(critic, prompt, pm, changed, rmask)
+        alone = critic_values(critic, prompt[1:, -1:], pm[1:, -1:], response[1:, :2], rmask[1:, :2])
+    assert torch.equal(v[:, :2], w[:, :2]) and not torch.allclose(v[:, 2], w[:, 2])
+    assert (v[1, 2:] == 0).all()  # padding
+    torch.testing.assert_close(v[1:, :2], alone)  # a left-padded row equals that row alone
 
 
 def test_win_tie_lose():

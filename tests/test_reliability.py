@@ -51,6 +51,19 @@ def test_missing_corrupt_and_mismatched_checkpoints(tmp_path):
         load_model(str(tmp_path / "m.pt"))
 
 
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from minirlhf.checkpoint import atomic_write_json
+    path = tmp_path / "state.json"
+    atomic_write_json({"step": 1}, str(path))
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        atomic_write_json({"step": object()}, str(path))  # fails while writing
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["state.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() would have made, not mkstemp's 0600
+
+
 def test_long_prompt_is_truncated_from_the_left_keeping_bos():
     tok = get_task("reviews").tokenizer
     ids, mask = encode_prompts(tok, ["the pizza was very tasty . the staff were nice ."], max_len=5)
@@ -104,6 +117,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, stage):
     done = script(*args, f"--out_dir={tmp_path}/a")
     assert done.returncode == 0, done.stderr
     _run_until_killed([*args, f"--out_dir={tmp_path}/b"], str(tmp_path / "b" / ckpt))
+    saved = load(str(tmp_path / "b" / ckpt))
+    assert saved["step"] < 40 if stage == "sft" else saved["iter"] < 16  # killed mid-run, not after it
     resumed = script(*args, f"--out_dir={tmp_path}/b", "--resume=True")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout

@@ -92,7 +92,8 @@ def test_claims_come_from_the_paired_contrasts():
     rows = paired_differences(curves, delta=0.1)
     assert {(r["method"], r["baseline"]) for r in rows} == {(m, b) for m in ("uml", "spg") for b in ("ppo", "control")}
     # UML ahead on all 10 seeds: p = 2/1024 in each of the 4 of 8 primary tests, Holm's x 8 at most
-    assert all(r["holm"] == pytest.approx(16 / 1024) for r in rows if r["method"] == "uml" and "holm" in r)
+    uml = [r for r in rows if r["method"] == "uml" and "holm" in r]
+    assert len(uml) == 4 and all(r["holm"] == pytest.approx(16 / 1024) for r in uml)
     assert claims(rows) == [("uml", "control", "reproduces"), ("spg", "control", "contradicted")]
     curves["uml"]["seed0"] = run(0.0)  # one seed behind: the interval still excludes 0, Holm's p does not
     assert claims(paired_differences(curves, delta=0.1))[0] == ("uml", "control", "cannot decide")
@@ -142,6 +143,18 @@ def test_primary_endpoints_and_the_paired_analysis():
     assert sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8  # only all-plus and all-minus are as extreme
     assert sign_flip_p([1.0, -1.0]) == 1.0
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_sign_flip_by_sampling_beyond_16_seeds_and_holm_capped_at_1():
+    import itertools
+    import random
+    from minirlhf.stats import holm, sign_flip_p
+    d = [random.Random(1).gauss(0.3, 1.0) for _ in range(17)]
+    exact = sum(abs(sum(s * x for s, x in zip(signs, d))) >= abs(sum(d)) - 1e-12
+                for signs in itertools.product((1, -1), repeat=17)) / 2 ** 17
+    assert abs(sign_flip_p(d) - exact) < 0.01  # 20,000 random sign patterns: standard error < 0.004
+    assert sign_flip_p([1.0] * 20) < 1e-3
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
 
 
 def test_policy_minus_best_of_n_at_its_kl():

@@ -49,6 +49,19 @@ def test_normalize_gives_zero_mean_unit_std():
     assert abs(r2.mean().item()) < 1e-5 and abs(r2.std().item() - 1) < 1e-4
 
 
+def test_gold_label_is_a_noisy_bradley_terry_annotator():
+    import random
+    from minirlhf.data import gold_label
+    rng = random.Random(0)
+    assert all(gold_label(0.1, 1e-3, 0.0, rng) for _ in range(200))  # tiny tau: the better one, always
+    assert not any(gold_label(0.1, 1e-3, 1.0, rng) for _ in range(200))  # every label flipped
+    n = 20000
+    p = 1 / (1 + math.exp(-0.5 / 0.5))  # sigmoid(diff / tau) = 0.731
+    assert abs(sum(gold_label(0.5, 0.5, 0.0, rng) for _ in range(n)) / n - p) < 0.015  # SE 0.003
+    flipped = p * 0.8 + (1 - p) * 0.2  # then 20% of labels flipped
+    assert abs(sum(gold_label(0.5, 0.5, 0.2, rng) for _ in range(n)) / n - flipped) < 0.015
+
+
 def test_ensemble_mean_and_min():
     a, b = tiny_rm(), tiny_rm()
     torch.nn.init.constant_(b.head.bias, 5.0)
