@@ -57,6 +57,12 @@ def check(cfg):
                          f"comma-separated list of {', '.join(SIZES)}")
     if cfg.only not in ("", "ppo", "generate"):
         raise UsageError(f"--only={cfg.only!r}: expected 'ppo' or 'generate'")
+    if cfg.json and not cfg.only:
+        raise UsageError("--json=True: is for --only=ppo or --only=generate (the default table is "
+                         "text)")
+    if cfg.data:
+        raise UsageError(f"--data={cfg.data!r}: bench.py times models on random tokens or the "
+                         "embedded task, not a file")
     if cfg.only == "ppo" and cfg.batch % 4:
         raise UsageError(f"--batch={cfg.batch}: must be a multiple of 4 (4 minibatches)")
     if cfg.only == "generate" and not os.path.isfile(os.path.join(cfg.weights, "prompts.pt")):

@@ -72,6 +72,8 @@ def trained(tmp_path_factory):
     ("train_sft.py", ["--rounds=2"], "unknown option --rounds for this script"),
     ("train_sft.py", ["--sft_steps=many"], "--sft_steps='many': expected int"),
     ("bench.py", ["--sizes=nosuch"], "--sizes='nosuch': unknown size 'nosuch'"),
+    ("bench.py", ["--json=True"], "--json=True: is for --only=ppo or --only=generate"),
+    ("bench.py", ["--data=README.md"], "--data='README.md': bench.py times models"),
     ("train_sft.py", ["--seed=-1"], "--seed=-1: must be in [0, 2**32)"),
     ("train_sft.py", ["--device=tpu"], "--device='tpu': expected 'auto', 'cpu' or 'cuda'"),
     ("train_sft.py", ["--threads=-1"], "--threads=-1: must be >= 0"),
