@@ -79,14 +79,14 @@ def test_file_runs_sft_gold_rm_proxy_ppo_rlp_and_metarm(folder):
 
 def test_a_gold_rm_from_another_run_is_reused(folder):
     """--gold_rm=PATH plays the human instead of training a new one."""
-    first = folder / "out"
-    if not (first / "gold_rm.pt").exists():
-        pytest.skip("needs the end-to-end test's out_dir")
     args = ["train_rm.py", "--preset=smoke", "--threads=1", f"--data={folder / 'pairs.jsonl'}",
             f"--tokenizer={folder}", f"--init_from={folder / 'gpt2'}", "--block_size=64",
-            "--max_new_tokens=16", "--sft_steps=2", "--rm_pairs=16",
-            f"--gold_rm={first / 'gold_rm.pt'}", f"--out_dir={folder / 'second'}"]
-    r = run(*args)
+            "--max_new_tokens=16", "--sft_steps=2", "--rm_pairs=16"]
+    first = folder / "out"  # the end-to-end test's, when it ran first; else a run of our own
+    if not (first / "gold_rm.pt").exists():
+        first = folder / "first"
+        assert "gold RM:" in run(*args, f"--out_dir={first}").stdout
+    r = run(*args, f"--gold_rm={first / 'gold_rm.pt'}", f"--out_dir={folder / 'second'}")
     assert "gold RM:" not in r.stdout and not (folder / "second" / "gold_rm.pt").exists()
 
 

@@ -142,7 +142,10 @@ def test_double_backward_through_math_attention():
     assert torch.isfinite(second).all() and second.abs().sum() > 0
 
 
-def test_scalar_model_shapes():
+def test_scalar_model_reads_its_head_on_the_backbone():
     rm = ScalarModel(tiny())
-    values, h = rm(torch.randint(0, 23, (2, 5)), return_hidden=True)
+    ids = torch.randint(0, 23, (2, 5))
+    values, h = rm(ids, return_hidden=True)
     assert values.shape == (2, 5) and h.shape == (2, 5, 32)
+    assert torch.equal(h, rm.gpt(ids, return_hidden=True))
+    torch.testing.assert_close(values, rm.head(h).squeeze(-1))

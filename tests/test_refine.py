@@ -39,11 +39,19 @@ def test_mib_loss_trains_the_encoder_and_needs_two_prompts():
     head = MIBHead(16, z_dim=4)
     h1 = torch.randn(8, 16, requires_grad=True)
     loss, stats = mib_loss(head, h1, h1 + 0.01 * torch.randn(8, 16), beta=1.0)
+    assert math.isclose(loss.item(), -stats["mi"] + 1.0 * stats["skl"], rel_tol=1e-5)
     loss.backward()
     assert h1.grad.abs().sum() > 0 and all(p.grad is not None for p in head.critic.parameters())
     assert set(stats) == {"mi", "skl"}
     with pytest.raises(AssertionError, match="2 prompts"):
         mib_loss(head, torch.randn(1, 16), torch.randn(1, 16))
+
+
+def test_mib_loss_of_identical_views_has_no_kl_term():
+    torch.manual_seed(0)
+    head, h = MIBHead(16, z_dim=4), torch.randn(8, 16)
+    loss, stats = mib_loss(head, h, h, beta=3.0)
+    assert stats["skl"] == pytest.approx(0.0, abs=1e-6) and loss.item() == pytest.approx(-stats["mi"], abs=1e-5)
 
 
 # ---- RLP-SPG ----------------------------------------------------------------------------------------------------
@@ -168,6 +176,34 @@ def test_small_ascent_step_raises_J():
     rm = tiny_rm()
     stats = meta_step(rm, torch.optim.SGD(rm.parameters(), lr=0.1), pref, meta, eta=1e-2, k=3)
     assert stats["J_shifted"] > stats["J"]
+
+
+def test_second_order_step_is_the_gradient_through_the_inner_step():
+    """Against finite differences (float64): the step's gradient is that of F(theta) = L_R(theta + eta grad J)."""
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from minirlhf.metarm import _pref_loss
+    from minirlhf.model import score_with
+    pref, meta = batches()
+    rm, eta = tiny_rm().double(), 0.5
+    theta = {n: p.detach().clone() for n, p in rm.named_parameters()}
+
+    def F(params):
+        params = {n: t.clone().requires_grad_() for n, t in params.items()}
+        forward = lambda *a, **kw: functional_call(rm, params, a, kw)  # noqa: E731
+        J = difference_objective(score_with(forward, *meta).view(-1, 3))
+        grads = torch.autograd.grad(J, list(params.values()), allow_unused=True)
+        shifted = {n: t.detach() + (eta * g if g is not None else 0) for (n, t), g in zip(params.items(), grads)}
+        with torch.no_grad():
+            return _pref_loss(lambda *a, **kw: functional_call(rm, shifted, a, kw), pref).item()
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        meta_step_second_order(rm, torch.optim.SGD(rm.parameters(), lr=1.0), pref, meta, eta=eta, k=3)
+        g = {n: theta[n] - p.detach() for n, p in rm.named_parameters()}  # SGD, lr 1: the step is the gradient
+        u = {n: torch.randn_like(t, generator=torch.Generator().manual_seed(i)) for i, (n, t) in enumerate(theta.items())}
+        eps = 1e-5
+        fd = (F({n: theta[n] + eps * u[n] for n in theta}) - F({n: theta[n] - eps * u[n] for n in theta})) / (2 * eps)
+    assert sum((g[n] * u[n]).sum().item() for n in theta) == pytest.approx(fd, rel=1e-4, abs=1e-8)
 
 
 def test_uml_without_two_prompts_of_distinct_samples_is_one_error():

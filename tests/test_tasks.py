@@ -42,6 +42,14 @@ def test_reviews_gold_length_eos_hype():
     assert R.gold(P, "the pizza was tasty . <eos>") == 1.5
 
 
+def test_arith_splits_are_disjoint():
+    A, rng = Arith(), random.Random(0)
+    sets = {s: set(A.sample_prompts(400, rng, s)) for s in ("pref", "unlabelled", "eval")}
+    assert all(sets.values())
+    assert not sets["pref"] & sets["unlabelled"] and not sets["pref"] & sets["eval"]
+    assert not sets["unlabelled"] & sets["eval"]
+
+
 def test_reviews_semantic_key_ignores_order_hype_fillers():
     a = R.semantic_key(P, "the pizza was very tasty ! we went on sunday . the staff were rude . <eos>")
     b = R.semantic_key(P, "the staff were rude . the pizza was tasty . <eos>")
