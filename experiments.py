@@ -21,6 +21,9 @@ from minirlhf.validate import validate
 
 
 def check(cfg):
+    if cfg.tokenizer:
+        raise UsageError(f"--tokenizer={cfg.tokenizer!r}: the report runs the embedded tasks, "
+                         "which have their own vocabulary")
     validate(cfg)
     if dist.under_torchrun():
         raise UsageError("experiments.py runs on one process (not under torchrun): to use more "

@@ -16,7 +16,7 @@ from minirlhf.validate import validate
 
 def run(cfg):
     device = setup(cfg)
-    train_sft(cfg, get_source(cfg), device)
+    train_sft(cfg, get_source(cfg, new_sft=True), device)
 
 
 if __name__ == "__main__":

@@ -53,13 +53,14 @@ def load(path, expect=None, fields=()):
     fields is refused (see `check_made_with`)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    # else torch's unpickler reads any text as a legacy pickle and advises weights_only=False
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: corrupt or truncated checkpoint (not the zip archive that "
-                         "torch.save writes)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch reads any file that is not its zip archive as a legacy (pre-1.6) checkpoint, and a
+        # text file then fails as a "refused" pickle: say what it is instead
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: corrupt or truncated checkpoint (not the zip archive "
+                             "torch.save writes, nor a legacy one of plain tensors)") from None
         raise ValueError(f"{path}: refused to load (not a plain-tensor checkpoint): "
                          f"{str(e).splitlines()[0]}") from e
     except Exception as e:  # a torn zip, a text file, a directory: torch raises many kinds

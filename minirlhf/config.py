@@ -42,8 +42,9 @@ class Run:
     run on a CPU), 'gpu' (a bigger model for one GPU) or 'gpt2' (GPT-2 small on a preference file,
     one GPU: --init_from, --tokenizer, --data)."""
     data: str = ""
-    """HH-RLHF-style JSONL(.gz) file of {"chosen", "rejected"} dialogues, judged by a gold RM
-    trained on its pairs (ALGORITHMS.md §4.1); empty = the embedded task."""
+    """A JSONL(.gz) preference file, {"chosen", "rejected"} HH-RLHF dialogues or {"prompt",
+    "chosen", "rejected"}, judged by a gold RM trained on its pairs (ALGORITHMS.md §4.1); empty =
+    the embedded task."""
     init_from: str = ""
     """A Hugging Face GPT-2 folder (config.json + pytorch_model.bin or model.safetensors) that SFT
     starts from, with --data and its --tokenizer; its sizes replace --n_layer, --n_head and

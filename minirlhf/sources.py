@@ -31,7 +31,7 @@ class FileSource:
     def has_gold(self):
         return self.task is not None
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, new_sft=False):
         pairs = load_hh_pairs(cfg.data)
         # too few prompts for the splits: refused here, before any work
         self.splits = prompt_splits(cfg.data, pairs)
@@ -39,11 +39,11 @@ class FileSource:
         self.train_pairs, self.held_out_pairs = pairs[:-n_held], pairs[-n_held:]
         self.name = os.path.basename(cfg.data)
         saved = os.path.join(cfg.out_dir, "tokenizer.json")
-        # later stages must reuse the exact vocabulary SFT was trained with; one left by a run
-        # that trained nothing must not outlive the options that made it
-        trained = os.path.exists(os.path.join(cfg.out_dir, "sft.pt")) or (
-            cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "sft_state.pt")))
-        if trained and os.path.exists(saved):
+        # the stages after SFT must reuse the exact vocabulary it was trained with; a new SFT
+        # (and one left by a run that trained nothing) builds it from the options
+        resuming = cfg.resume and os.path.exists(os.path.join(cfg.out_dir, "sft_state.pt"))
+        trained = not new_sft and os.path.exists(os.path.join(cfg.out_dir, "sft.pt"))
+        if (resuming or trained) and os.path.exists(saved):
             self.tokenizer = Tokenizer.load(saved)
         elif cfg.tokenizer:
             self.tokenizer = gpt2_bpe(os.path.join(cfg.tokenizer, "vocab.json"),
@@ -56,5 +56,6 @@ class FileSource:
         return [(p, c) for p, c, _ in (rng.choice(self.train_pairs) for _ in range(n))]
 
 
-def get_source(cfg):
-    return FileSource(cfg) if cfg.data else TaskSource(cfg)
+def get_source(cfg, new_sft=False):
+    """The run's source of text; `new_sft`: train_sft.py, which trains SFT anew (unless resuming)."""
+    return FileSource(cfg, new_sft) if cfg.data else TaskSource(cfg)

@@ -34,7 +34,8 @@ def sign_flip_p(diffs, draws=20000, rng=None):
     n, observed, rng = len(diffs), abs(sum(diffs)), rng or random.Random(0)
     patterns = (itertools.product((1, -1), repeat=n) if n <= 16 else
                 ([rng.choice((1, -1)) for _ in range(n)] for _ in range(draws)))
-    count = total = 0
+    # sampled: the observed pattern counts as one draw, so that p is never 0 (Phipson & Smyth)
+    count = total = 0 if n <= 16 else 1
     for signs in patterns:
         total += 1
         count += abs(sum(s * d for s, d in zip(signs, diffs))) >= observed - 1e-12

@@ -62,9 +62,14 @@ def validate(cfg, methods=None):
     need(0 <= getattr(cfg, "lam", 1) <= 1, "lam", "must be in [0, 1]")
     need(getattr(cfg, "n_samples", 2) >= 2, "n_samples",
          "must be >= 2 (RLP compares samples of one prompt)")
-    if "uml" in getattr(cfg, "method", ""):  # the JS estimator's negatives are other prompts
-        need(cfg.rm_batch >= 2, "rm_batch", f"must be >= 2 for --method={cfg.method}")
-        need(cfg.refine_prompts >= 2, "refine_prompts", f"must be >= 2 for --method={cfg.method}")
+    # the methods this run may reach (experiments.py without --methods runs them all)
+    runs = getattr(cfg, "method", "") or getattr(cfg, "methods", "") or (
+        "uml" if "methods" in names else "")
+    if "uml" in runs:  # the JS estimator's negatives are other prompts
+        need(cfg.rm_batch >= 2, "rm_batch", "must be >= 2 for RLP-UML")
+        need(cfg.refine_prompts >= 2, "refine_prompts", "must be >= 2 for RLP-UML")
+    need(getattr(cfg, "first_seed", 0) + getattr(cfg, "seeds", 1) <= 2 ** 32, "seeds",
+         f"runs seeds past 2**32 - 1 from --first_seed={getattr(cfg, 'first_seed', 0)}")
     need(cfg.n_embd % cfg.n_head == 0, "n_head", f"must divide --n_embd={cfg.n_embd}")
     need(cfg.max_new_tokens <= cfg.block_size - 2, "max_new_tokens",
          f"leaves no room for a prompt in --block_size={cfg.block_size} "

@@ -103,6 +103,7 @@ def test_a_tokenizer_is_reused_only_beside_the_policy_trained_with_it(folder, tm
     assert FileSource(cfg).tokenizer.vocab_size == 300  # the folder's, as asked
     (out / "sft.pt").write_bytes(b"")  # a policy trained with the saved one
     assert FileSource(cfg).tokenizer.vocab_size < 300
+    assert FileSource(cfg, new_sft=True).tokenizer.vocab_size == 300  # train_sft.py trains anew
 
 
 def test_a_corrupt_gpt2_weights_file_is_one_line(folder, tmp_path):
@@ -116,7 +117,7 @@ def test_a_corrupt_gpt2_weights_file_is_one_line(folder, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert lines[0] == f"error: {gpt2 / 'pytorch_model.bin'}: corrupt or truncated checkpoint (not the zip archive " \
-                       "that torch.save writes)"
+                       "torch.save writes, nor a legacy one of plain tensors)"
 
 
 def test_a_file_with_a_prompt_field_reads_like_the_dialogues(tmp_path):

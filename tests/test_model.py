@@ -113,6 +113,15 @@ def test_hf_layout_is_gpt2s(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_reads_the_legacy_pre_zip_format(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)  # older Hugging Face uploads predate torch 1.6's zip format
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    torch.save(sd, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    ids = torch.randint(0, 23, (2, 9))
+    torch.testing.assert_close(GPT.from_pretrained(tmp_path).eval()(ids), model(ids))
+
+
 def test_from_pretrained_rejects_wrong_shapes(tmp_path):
     tiny().save_pretrained(tmp_path)
     sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
