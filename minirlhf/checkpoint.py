@@ -64,8 +64,7 @@ def load(path, expect=None, fields=()):
         raise ValueError(f"{path}: refused to load (not a plain-tensor checkpoint): "
                          f"{str(e).splitlines()[0]}") from e
     except Exception as e:  # a torn zip, a text file, a directory: torch raises many kinds
-        raise ValueError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+        raise unreadable(path, e) from None
     if not isinstance(ck, dict):
         raise ValueError(f"{path}: not a minirlhf checkpoint "
                          f"(expected a dict, got {type(ck).__name__})")
@@ -76,6 +75,13 @@ def load(path, expect=None, fields=()):
     if expect is not None:
         check_made_with(path, ck.get("config"), expect)
     return ck
+
+
+def unreadable(path, error):
+    """The one-line error for a weights file that failed to load (torch and safetensors raise
+    many kinds)."""
+    detail = str(error).splitlines()[0] if str(error) else "no detail"
+    return ValueError(f"{path}: corrupt or truncated checkpoint ({type(error).__name__}: {detail})")
 
 
 def check_made_with(path, made, expect):

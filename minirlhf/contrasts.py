@@ -74,7 +74,7 @@ def verdict(diffs, holm_p, delta):
     if holm_p < 0.05:
         return "better" if mean > 0 else "worse"
     if len(diffs) > 1 and -delta < mean - half and mean + half < delta:
-        return f"equivalent (±{delta:.2g})"
+        return "equivalent"
     return "undecided"
 
 
@@ -119,7 +119,7 @@ def claim_reading(vs_ppo, vs_control):
     reading}): it reproduces when the method is better on at least one primary endpoint and worse
     on none, against PPO and against its control; it is contradicted when against either it is
     equivalent or worse on both; anything else the testbed cannot decide."""
-    words = [{r.split()[0] for r in readings.values()} for readings in (vs_ppo, vs_control)]
+    words = [set(readings.values()) for readings in (vs_ppo, vs_control)]
     if all("better" in w and "worse" not in w for w in words):
         return "reproduces"
     if any(len(r) == len(PRIMARY) and w <= {"equivalent", "worse"}

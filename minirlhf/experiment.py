@@ -11,9 +11,9 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
+from .ceilings import big_rm_ppo, gold_ppo
 from .checkpoint import atomic_write_json
 from .evaluate import summarize
-from .ceilings import big_rm_ppo, gold_ppo
 from .iterated import iterated_rounds
 from .pipeline import prepare_rl
 from .ppo_trainer import best_of_n_baseline, train_ppo

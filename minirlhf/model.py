@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save, load
+from .checkpoint import atomic_save, load, unreadable
 
 
 @dataclass
@@ -241,8 +241,7 @@ class GPT(nn.Module):
             try:
                 sd = load_file(st_path)
             except Exception as e:  # safetensors raises its own error types
-                raise ValueError(f"{st_path}: corrupt or truncated ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+                raise unreadable(st_path, e) from None
         else:
             raise FileNotFoundError(f"{folder}: neither pytorch_model.bin nor model.safetensors")
         model = cls(cfg)

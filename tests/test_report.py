@@ -70,7 +70,7 @@ def test_verdict_reads_a_contrast_by_the_pre_registered_rule():
 
 def test_a_claim_reads_by_the_pre_registered_rule():
     from minirlhf.contrasts import claim_reading
-    better, worse, same, unsure = "better", "worse", "equivalent (±0.1)", "undecided"
+    better, worse, same, unsure = "better", "worse", "equivalent", "undecided"
     both = lambda a, b: {"KL-grid mean": a, "split-half peak": b}
     assert claim_reading(both(better, unsure), both(unsure, better)) == "reproduces"
     # better than PPO is not enough: the control, doing the same RM training, must be beaten too
@@ -95,6 +95,11 @@ def test_claims_come_from_the_paired_contrasts():
     uml = [r for r in rows if r["method"] == "uml" and "holm" in r]
     assert len(uml) == 4 and all(r["holm"] == pytest.approx(16 / 1024) for r in uml)
     assert claims(rows) == [("uml", "control", "reproduces"), ("spg", "control", "contradicted")]
+    from minirlhf.report import paired_lines  # report.md shows the equivalence bound with the reading
+    per_seed = {m: {s: {"curve": c} for s, c in runs.items()} for m, runs in curves.items()}
+    text = "\n".join(paired_lines(per_seed, list(per_seed), 0.1))
+    assert "| RLP-SPG − control | KL-grid mean | +0.000 ± 0.000 | 0/10 | 1.000 | 1.000 | equivalent (±0.1) |" in text
+    assert "| RLP-SPG | control | contradicted |" in text
     curves["uml"]["seed0"] = run(0.0)  # one seed behind: the interval still excludes 0, Holm's p does not
     assert claims(paired_differences(curves, delta=0.1))[0] == ("uml", "control", "cannot decide")
     assert claims(paired_differences({m: c for m, c in curves.items() if m != "control"}, 0.1)) == []
