@@ -137,8 +137,10 @@ def test_two_process_gloo_equals_one_process(tmp_path, stage):
         shutil.copytree(tmp_path / "one", tmp_path / "two")
     one = script(*args, f"--out_dir={tmp_path}/one")
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *args,
-                          f"--out_dir={tmp_path}/two"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # --standalone: a free port, so two of these tests may run at once (pytest -n)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", *args, f"--out_dir={tmp_path}/two"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     stage_name = {"train_sft.py": "sft", "train_rm.py": "sft", "train_ppo.py": "ppo"}[stage]
     a, b = (_rows(tmp_path / d / "metrics.jsonl", stage_name) for d in ("one", "two"))
