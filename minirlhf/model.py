@@ -212,7 +212,10 @@ class GPT(nn.Module):
                       activation_function="gelu_new", n_ctx=self.cfg.n_positions,
                       **{k: v for k, v in asdict(self.cfg).items() if k != "dropout"},
                       resid_pdrop=self.cfg.dropout, embd_pdrop=self.cfg.dropout,
-                      attn_pdrop=self.cfg.dropout)
+                      attn_pdrop=self.cfg.dropout,
+                      # the ids are the tokenizer's, which the model does not know; transformers'
+                      # GPT-2 default (50256) is outside a small vocabulary and warns
+                      bos_token_id=None, eos_token_id=None)
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         sd = {k: (v.t() if k.endswith(self._CONV1D) else v).contiguous()
