@@ -79,8 +79,15 @@ class Attention(nn.Module):
                    for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.write(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None and T == 1 and x.device.type == "cpu":
+            # a CPU decode step, one query per row, written out: PyTorch's CPU flash kernel loops
+            # over the B * H tiny problems (sampling 6-8% faster at 4L x 128d, 4-6% at 6L x 384d;
+            # on CUDA, where the step is a graph, SDPA stays: written out, the eager step was slower)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, 1, max_len)
+            y = att.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (B, H, 1, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
