@@ -140,6 +140,23 @@ def test_from_pretrained_without_safetensors_says_what_to_install(tmp_path, monk
         GPT.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_reads_model_safetensors_when_installed(tmp_path):
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    bin_path = tmp_path / "pytorch_model.bin"
+    sd = torch.load(bin_path, weights_only=True)
+    # as Hugging Face writes it: the tied LM head left out, no shared storage
+    save_file({k: v.clone() for k, v in sd.items() if k != "lm_head.weight"},
+              str(tmp_path / "model.safetensors"))
+    bin_path.unlink()
+    ids = torch.randint(0, 23, (2, 9))
+    torch.testing.assert_close(GPT.from_pretrained(tmp_path).eval()(ids), model(ids))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="model.safetensors: corrupt or truncated checkpoint"):
+        GPT.from_pretrained(tmp_path)
+
+
 def test_double_backward_through_math_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     model = tiny()
