@@ -64,8 +64,9 @@ def paired_lines(per_seed, names, delta):
     for r in rows:
         d = r["diffs"]
         holm_p = f"{r['holm']:.3f}" if "holm" in r else "—"
-        reading = r.get("reading", "—") + (f" (±{delta:.2g})" if r.get("reading") == "equivalent"
-                                           else "")
+        reading = r.get("reading", "—")
+        if reading == "equivalent":
+            reading += f" (±{delta:.2g})"
         lines.append(f"| {label(r['method'])} − {label(r['baseline'])} | {r['endpoint']} "
                      f"| {fmt(*mean_ci(d), len(d), signed=True)} "
                      f"| {sum(x > 0 for x in d)}/{len(d)} | {r['p']:.3f} | {holm_p} "
