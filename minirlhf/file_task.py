@@ -17,7 +17,8 @@ import torch
 
 from . import seeds
 from .data import Codec, DataError
-from .config import made_with
+from .checkpoint import load
+from .config import UsageError, made_with
 from .model import load_model, save_model
 from .rm import bt_step, normalize_on, rm_accuracy, sample_pairs, score_texts, train_reward_model
 from .runtime import write_summary
@@ -82,6 +83,20 @@ def train_gold_rm(cfg, source, sft, codec):
     return gold
 
 
+def check_gold_vocabulary(cfg, source):
+    """Refuse a gold RM (--gold_rm, or out_dir's) of another vocabulary than this run's tokenizer
+    before SFT trains: its checkpoint records its size."""
+    path = cfg.gold_rm or gold_rm_path(cfg.out_dir)
+    if not os.path.exists(path):
+        return
+    vocab = load(path, fields=("gpt_config",))["gpt_config"]["vocab_size"]
+    if vocab != source.tokenizer.vocab_size:
+        named = f"--gold_rm={path}" if cfg.gold_rm else path
+        raise UsageError(f"{named}: its vocabulary ({vocab} tokens) is not this run's "
+                         f"tokenizer's ({source.tokenizer.vocab_size}): train it with the same "
+                         "--tokenizer")
+
+
 def ensure_gold_rm(cfg, source, sft, device):
     """--gold_rm, or out_dir's gold RM (trained first if missing); attaches it to `source` as its
     task, so that every later stage runs as on an embedded task."""
@@ -90,10 +105,6 @@ def ensure_gold_rm(cfg, source, sft, device):
     if os.path.exists(path):
         expect = None if cfg.reuse or cfg.gold_rm else made_with(cfg, "sft")
         gold = load_model(path, scalar=True, expect=expect)[0].to(device).eval()
-        if gold.gpt.cfg.vocab_size != sft.cfg.vocab_size:
-            raise DataError(f"--gold_rm={path}: its vocabulary ({gold.gpt.cfg.vocab_size} tokens) "
-                            f"is not the SFT policy's ({sft.cfg.vocab_size}): train it with the "
-                            f"same --tokenizer")
     else:
         gold = train_gold_rm(cfg, source, sft, codec)
     source.task = FileTask(source.name, source.splits, gold, codec)

@@ -90,6 +90,20 @@ def test_a_gold_rm_from_another_run_is_reused(folder):
     assert "gold RM:" not in r.stdout and not (folder / "second" / "gold_rm.pt").exists()
 
 
+def test_a_gold_rm_of_another_vocabulary_is_refused_before_sft(folder, tmp_path):
+    from minirlhf.model import ScalarModel, save_model
+    save_model(tmp_path / "gold.pt", ScalarModel(GPT(GPTConfig(vocab_size=50, n_positions=64,
+                                                                n_embd=16, n_layer=1, n_head=2))))
+    r = subprocess.run([sys.executable, "train_ppo.py", "--preset=smoke", "--threads=1",
+                        f"--data={folder / 'pairs.jsonl'}", f"--tokenizer={folder}",
+                        f"--gold_rm={tmp_path / 'gold.pt'}", f"--out_dir={tmp_path / 'out'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "its vocabulary (50 tokens) is not this run's tokenizer's" in lines[0]
+    assert not (tmp_path / "out").exists()  # refused before SFT trained or anything was written
+
+
 def test_a_tokenizer_is_reused_only_beside_the_policy_trained_with_it(folder, tmp_path):
     """A failed run's tokenizer.json (say, the wrong --tokenizer for --init_from) must not
     outlive the options that made it; once SFT has trained, its tokenizer is the one to use."""
