@@ -16,10 +16,14 @@ import torch
 from minirlhf.benchmark import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
                                 peak_memory)
 from minirlhf.benchmark_peers import bench_generate_peer, bench_ppo_peer
-from minirlhf.config import BenchConfig, UsageError
+from minirlhf.config import BenchConfig, UsageError, parse_args
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import main, print_table
 from minirlhf.validate import validate
+
+UNUSED = ("resume", "reuse", "ckpt_every", "data", "init_from", "tokenizer", "bpe_vocab",
+          "sft_steps", "sft_batch", "sft_lr", "warmup", "weight_decay", "eval_prompts", "iters",
+          "eval_every", "eval_dense", "sample_every", "bon_max", "ppo_lr", "critic_lr")
 
 
 def run(cfg):
@@ -44,12 +48,18 @@ def run(cfg):
                            "ours_speedup"])
     print("\n== training throughput ==")
     print_table(train_rows, ["size", "stage", "batch x T", "tokens/s", "MFU"])
-    print(f"\n== one PPO iteration ({cfg.preset} preset's shapes) ==")
+    print(f"\n== one PPO iteration ({cfg.preset} preset's shapes, {cfg.task}) ==")
     print_table(bench_ppo(device, cfg), ["part", "seconds"])
     print(f"\npeak memory: {peak_memory(device)}")
 
 
 def check(cfg):
+    # options every script shares that bench.py has no use for: refused, not silently ignored
+    plain = parse_args([f"--preset={cfg.preset}"], BenchConfig)
+    for name in UNUSED:
+        if getattr(cfg, name) != getattr(plain, name):
+            raise UsageError(f"--{name}={getattr(cfg, name)!r}: bench.py does not use it (it "
+                             "times random-weight models, trains nothing and writes nothing)")
     validate(cfg)
     unknown = [s for s in cfg.sizes.split(",") if s not in SIZES]
     if unknown:
@@ -60,9 +70,6 @@ def check(cfg):
     if cfg.json and not cfg.only:
         raise UsageError("--json=True: is for --only=ppo or --only=generate (the default table is "
                          "text)")
-    if cfg.data:
-        raise UsageError(f"--data={cfg.data!r}: bench.py times models on random tokens or the "
-                         "embedded task, not a file")
     if cfg.only == "ppo" and cfg.batch % 4:
         raise UsageError(f"--batch={cfg.batch}: must be a multiple of 4 (4 minibatches)")
     if cfg.only == "generate" and not os.path.isfile(os.path.join(cfg.weights, "prompts.pt")):

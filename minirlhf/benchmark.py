@@ -196,9 +196,9 @@ def bench_training(name, spec, device, peak):
 
 
 def bench_ppo(device, cfg):
-    """One PPO iteration of the default preset (random weights, the reviews vocabulary),
-    split into its parts."""
-    task = get_task("reviews")
+    """One PPO iteration of the default-size model at the preset's PPO shapes (random weights,
+    the task's vocabulary and prompts), split into its parts."""
+    task = get_task(cfg.task)
     tok = task.tokenizer
     torch.manual_seed(0)
     sft = GPT(GPTConfig(**{**SIZES["default"], "vocab_size": tok.vocab_size})).to(device).eval()
