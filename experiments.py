@@ -1,4 +1,4 @@
-"""The reproduction report: every method x several seeds, in one command (minirlhf/experiment.py).
+"""The reproduction report: every method x several seeds, in one command (minirlhf/cells.py).
 
     python experiments.py --seeds=5                  # the embedded `reviews` task, preset 'report'
     python experiments.py --seeds=5 --task=arith
@@ -15,7 +15,7 @@ out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `p
 """
 from minirlhf import dist
 from minirlhf.config import ReportConfig, UsageError
-from minirlhf.experiment import KNOWN_METHODS, run_report
+from minirlhf.cells import KNOWN_METHODS, run_report
 from minirlhf.runtime import main
 from minirlhf.validate import validate
 

@@ -33,7 +33,7 @@ def test_gold_at_matched_kl_interpolates_first_crossing():
 
 def test_experiments_smoke_writes_every_file(tmp_path):
     from minirlhf.config import ReportConfig, parse_args
-    from minirlhf.experiment import METHODS, run_report
+    from minirlhf.cells import METHODS, run_report
     out = tmp_path / "rep"
     cfg = parse_args(["--preset=smoke", "--seeds=1", f"--out_dir={out}", "--rounds=1", "--iters=2", "--bon_max=2",
                       "--rm_pairs=48", "--eval_prompts=8"], ReportConfig)
@@ -106,7 +106,7 @@ def test_claims_come_from_the_paired_contrasts():
 
 
 def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
-    from minirlhf.experiment import load_results
+    from minirlhf.cells import load_results
     (tmp_path / "cells").mkdir()
     (tmp_path / "results.json").write_text(json.dumps({"reviews/seed0/ppo": {"x": 1}}))
     cell = {"reviews/seed3/ppo": {"x": 2, "curve": [{"gold": 1.5499999999999998, "kl": 1234567.89}]}}
@@ -174,7 +174,7 @@ def test_policy_minus_best_of_n_at_its_kl():
 
 
 def test_report_names_methods_as_readers_know_them():
-    from minirlhf.experiment import KNOWN_METHODS
+    from minirlhf.cells import KNOWN_METHODS
     from minirlhf.report import LABELS, label
     assert set(LABELS) == set(KNOWN_METHODS)  # a new method needs its name
     assert label("uml+spg-iter r3") == "RLP-UML+SPG iterated r3" and label("SFT") == "SFT"
