@@ -18,7 +18,7 @@ from minirlhf.benchmark import (SIZES, bench_generation, bench_ppo, bench_traini
 from minirlhf.benchmark_peers import bench_generate_peer, bench_ppo_peer
 from minirlhf.config import BenchConfig, UsageError, parse_args
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.runtime import main, print_table
+from minirlhf.runtime import main, print_table, setup
 from minirlhf.validate import validate
 
 UNUSED = ("resume", "reuse", "ckpt_every", "data", "init_from", "tokenizer", "bpe_vocab",
@@ -27,13 +27,11 @@ UNUSED = ("resume", "reuse", "ckpt_every", "data", "init_from", "tokenizer", "bp
 
 
 def run(cfg):
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    device = setup(cfg)
     if cfg.only:
         result = (bench_ppo_peer if cfg.only == "ppo" else bench_generate_peer)(cfg)
         print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
         return
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     gen_rows, train_rows = [], []
     peak = peak_flops(device)

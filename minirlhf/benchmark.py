@@ -167,7 +167,7 @@ def bench_training(name, spec, device, peak):
     B, T = (32, 64) if name == "default" else ((4, 128) if device.type == "cpu" else (16, 1024))
     torch.manual_seed(0)
     model = GPT(GPTConfig(**spec)).to(device)
-    n_params = sum(p.numel() for n, p in model.transformer.h.named_parameters())
+    n_params = sum(p.numel() for p in model.transformer.h.parameters())
     flops_per_token = 6 * n_params + 12 * spec["n_layer"] * T * spec["n_embd"]
     ids = torch.randint(4, spec["vocab_size"], (B, T), device=device)
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"

@@ -36,7 +36,8 @@ class Run:
     """Reuse checkpoints in out_dir even when they were made with different settings
     (normally an error)."""
     ckpt_every: int = 100
-    """SFT steps between resumable checkpoints (PPO checkpoints at every evaluation)."""
+    """SFT steps between resumable checkpoints (PPO checkpoints every --eval_every iterations of
+    the run, and at its end)."""
     preset: str = "default"
     """'smoke' (seconds, for tests), 'default' (the CPU run), 'report' (experiments.py's multi-seed
     run on a CPU), 'gpu' (a bigger model for one GPU) or 'gpt2' (GPT-2 small on a preference file,

@@ -1,5 +1,5 @@
 """Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N script.py` (NCCL
-on GPU, gloo on CPU).
+for GPU tensors, gloo for CPU ones).
 
 Every rank holds the whole model and draws the same global batch (its randomness derives from the
 seed and the step); each rank works on its own slice of it. Losses are normalised by *global* counts
@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 def init(device):
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # NCCL reduces GPU tensors only; the counts and losses summed here are CPU numbers
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
         # Left to interpreter shutdown, gloo's worker threads can be torn down unjoined
         # ("terminate called without an active exception", SIGABRT after a finished run).
         atexit.register(_destroy)
@@ -71,12 +72,12 @@ def shard(items):
 
 
 def all_sum(x):
-    """Sum of a float or tensor over ranks (a copy; the input is untouched)."""
+    """Sum of a number over ranks."""
     if world() == 1:
         return x
-    t = torch.as_tensor(x, dtype=torch.float64).clone()
+    t = torch.tensor(float(x), dtype=torch.float64)
     dist.all_reduce(t)
-    return t.item() if not torch.is_tensor(x) else t.to(x.dtype)
+    return t.item()
 
 
 def sync_grads(params):

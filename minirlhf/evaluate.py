@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from .data import decode_responses
 from .generate import generate, sequence_logprobs
+from .tokenizer import EOS
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def evaluate(policy, ref, rm, task, codec, prompts, sft_gold, temperature, gener
                                               win_tie_lose(gold_b, sft_gold).values())}
     return {"eval/gold": both(gold_a, gold_b), "eval/proxy": both(proxy_a, proxy_b),
             "eval/kl": both(kl_a, kl_b), "eval/length": both(len_a, len_b),
-            "eval/eos_rate": float(np.mean([y.endswith("<eos>") for y in a + b])),
+            "eval/eos_rate": float(np.mean([y.endswith(EOS) for y in a + b])),
             "eval/win_rate": wtl["win_rate"], "eval/win": wtl["win"], "eval/tie": wtl["tie"],
             "eval/lose": wtl["lose"], "eval/rm_acc_policy_pairs": rm_acc,
             "eval/proxy_gold_corr": _corr(np.concatenate([proxy_a, proxy_b]),
@@ -114,8 +115,9 @@ def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
 
 
 def summarize(history):
-    """The iteration-0 (SFT), final and peak-gold evaluations, and the whole curve
-    (iter, KL, proxy, gold)."""
+    """The first (under "sft": the SFT policy's, except in a round that continues a policy,
+    whose first evaluation is its own), final and peak-gold evaluations, and the whole curve
+    (iter, KL, proxy, gold). The keys are results.json's cell format."""
     peak = max(history, key=lambda h: h["eval/gold"])
     keys = ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate", "gold_per_prompt")
     curve = [{k: h[k] for k in keys} for h in history]

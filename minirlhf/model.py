@@ -171,7 +171,7 @@ class GPT(nn.Module):
         position_ids (B, T), by default cumsum(mask) - 1; cache: a KVCache to extend by these T
         positions. Returns logits (B, T, V), or the final hidden states (B, T, C) with
         return_hidden=True."""
-        B, T = idx.shape
+        T = idx.shape[1]
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
         if position_ids is None:

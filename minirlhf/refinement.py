@@ -197,7 +197,7 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
     policy = vanilla_policy(cfg, source, sft, rm, device)
     rng = random.Random(cfg.seed + seeds.RLP_SAMPLES)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
-    # RLP's P: 10 per prompt at T = 1
+    # RLP's P: --n_samples per prompt (the paper's 10) at T = 1
     samples = policy_samples(policy, codec, prompts, cfg.n_samples, 1.0,
                              torch.Generator(device).manual_seed(cfg.seed + seeds.RLP_SAMPLES))
     pol_pairs = held_out_policy_pairs(policy, codec, task, cfg.refine_prompts, 1.0,

@@ -1,7 +1,10 @@
 """Every random stream of a run, named in one place.
 
 A stream's seed derives from the run's --seed alone (plus the step or round where there are many),
-so a resumed run replays exactly and no two stages share draws by accident.
+so a resumed run replays exactly. Two overlaps are known and kept, because every published number
+was drawn this way: the per-round offsets are apart for up to 8 rounds (the report's), so more
+rounds reuse a neighbour's seed (HELD_OUT_PAIRS + 9 == META_SAMPLES + 1); and with --seed=0, SFT
+step k's seed is k, which is also the seed of the named stream k (step 10's is PREFERENCES').
 """
 SFT_EVAL = 1  # SFT vs the demonstrator on held-out prompts
 PPO_EVAL = 2  # the held-out prompts of every PPO evaluation

@@ -16,7 +16,6 @@ class TaskSource:
         self.task = get_task(cfg.task)
         self.name = self.task.name
         self.tokenizer = self.task.tokenizer
-        self.n_positions = cfg.block_size
 
     def demonstrations(self, n, rng):
         return [(p, self.task.demonstrate(p, rng)) for p in self.task.sample_prompts(n, rng, "sft")]
@@ -50,7 +49,6 @@ class FileSource:
                                       os.path.join(cfg.tokenizer, "merges.txt"))
         else:
             self.tokenizer = train_bpe((t for pair in pairs for t in pair), cfg.bpe_vocab)
-        self.n_positions = cfg.block_size
 
     def demonstrations(self, n, rng):
         return [(p, c) for p, c, _ in (rng.choice(self.train_pairs) for _ in range(n))]

@@ -52,6 +52,10 @@ def _finished(response):
 
 
 class Task:
+    def gold(self, prompt, response):
+        """The gold reward: the sum of the task's rubric terms (gold_terms)."""
+        return sum(self.gold_terms(prompt, response).values())
+
     def golds(self, prompts, responses):
         """gold(prompt, response) of each pair, as a list."""
         return [self.gold(p, y) for p, y in zip(prompts, responses)]
@@ -200,9 +204,6 @@ class Reviews(Task):
                     hype=W["hype"] * (n_hype >= 1),
                     hype_spam=W["hype_spam"] * max(0, n_hype - 2))
 
-    def gold(self, prompt, response):
-        return sum(self.gold_terms(prompt, response).values())
-
     def semantic_key(self, prompt, response):
         """The set of (topic, tone) facts stated, ignoring fillers, order, repeats and hype."""
         _, words = _finished(response)
@@ -259,9 +260,6 @@ class Arith(Task):
                     verbose=self.W["verbose"] * max(0, len(words) - 1),
                     repeat=self.W["repeat"] * (len(sents) - len(set(sents))),
                     no_eos=self.W["no_eos"] * (not finished))
-
-    def gold(self, prompt, response):
-        return sum(self.gold_terms(prompt, response).values())
 
     def semantic_key(self, prompt, response):
         _, words = _finished(response)

@@ -113,13 +113,7 @@ def validate(cfg, methods=None):
         need(any(os.path.isfile(os.path.join(cfg.init_from, w))
                  for w in ("pytorch_model.bin", "model.safetensors")), "init_from",
              "has neither pytorch_model.bin nor model.safetensors")
-        try:
-            with open(config) as f:
-                hf_cfg = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UsageError(f"--init_from={cfg.init_from!r}: config.json is not JSON "
-                             f"({e})") from None
-        need(isinstance(hf_cfg, dict), "init_from", "config.json is not a JSON object")
+        hf_cfg = json_object(cfg, "init_from", "config.json", "a JSON object")
         positions = hf_cfg.get("n_positions", 0)
         need(cfg.block_size <= positions, "block_size", f"exceeds the checkpoint's n_positions "
              f"({positions}) in --init_from")
@@ -128,10 +122,18 @@ def validate(cfg, methods=None):
              "vocabulary")
         for name in ("vocab.json", "merges.txt"):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")
-        try:
-            with open(os.path.join(cfg.tokenizer, "vocab.json")) as f:
-                vocab = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UsageError(f"--tokenizer={cfg.tokenizer!r}: vocab.json is not JSON "
-                             f"({e})") from None
-        need(isinstance(vocab, dict), "tokenizer", "vocab.json is not a JSON object {token: id}")
+        json_object(cfg, "tokenizer", "vocab.json", "a JSON object {token: id}")
+
+
+def json_object(cfg, option, name, kind):
+    """The JSON object in file `name` of the folder that --option names; a UsageError naming the
+    option if it is not JSON, or not `kind`."""
+    folder = getattr(cfg, option)
+    try:
+        with open(os.path.join(folder, name)) as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--{option}={folder!r}: {name} is not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"--{option}={folder!r}: {name} is not {kind}")
+    return obj
