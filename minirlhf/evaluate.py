@@ -14,14 +14,15 @@ from .tokenizer import EOS
 @torch.no_grad()
 def rollout_texts(policy, ref, rm, codec, prompts, temperature, generator, batch=256):
     """Sample one response per prompt; returns texts, proxy scores, KL to ref
-    (sum of k1 over tokens) and lengths, as numpy arrays (texts a list)."""
+    (sum of k1 over tokens; 0 with ref=None, for callers that read no KL) and lengths, as numpy
+    arrays (texts a list)."""
     tok = codec.tok
     texts, proxy, kl, length = [], [], [], []
     for i in range(0, len(prompts), batch):
         p, pm = codec.prompts(prompts[i:i + batch])
         r, logp, rmask = generate(policy, p, pm, codec.max_new_tokens, tok.eos_id, tok.pad_id,
                                   temperature=temperature, generator=generator)
-        ref_logp = sequence_logprobs(ref, p, pm, r, rmask, temperature)
+        ref_logp = logp if ref is None else sequence_logprobs(ref, p, pm, r, rmask, temperature)
         texts += decode_responses(tok, r, rmask)
         proxy.append(rm.score(p, pm, r, rmask).float().cpu())
         kl.append(((logp - ref_logp) * rmask).sum(-1).cpu())
@@ -104,7 +105,7 @@ def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
     {n, kl, gold, proxy}."""
     proxy, gold = [], []
     for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
-        texts, s, _, _ = rollout_texts(sft, sft, rm, codec, prompts, temperature, generator)
+        texts, s, _, _ = rollout_texts(sft, None, rm, codec, prompts, temperature, generator)
         proxy.append(s)
         gold.append(task.golds(prompts, texts))
     proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)

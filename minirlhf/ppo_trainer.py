@@ -126,7 +126,7 @@ def sft_baseline(ref, rm, task, codec, prompts, cfg):
     """Gold of one SFT sample per eval prompt: the win-rate baseline (fixed seed, so a resumed
     run gets the same)."""
     gen = iteration_rng(cfg.seed, -1, codec.device, 1)[1]
-    texts = rollout_texts(ref, ref, rm, codec, prompts, cfg.temperature, gen)[0]
+    texts = rollout_texts(ref, None, rm, codec, prompts, cfg.temperature, gen)[0]
     return np.array(task.golds(prompts, texts))
 
 
