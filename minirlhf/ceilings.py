@@ -50,7 +50,7 @@ def big_rm_ppo(cfg, source, sft, device, scale=10):
     (pairs of SFT samples, the same labeller; its first pairs are the proxy's own), then PPO on it
     with the same recipe and budget."""
     big_cfg = replace(cfg, rm_pairs=scale * cfg.rm_pairs)
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     train, _, held_clean, sft_samples = preference_data(sft, source, codec, big_cfg)
     big = train_reward_model(sft, train, big_cfg, device, seed=cfg.seed + seeds.BIG_RM,
                              step=bt_step(codec, cfg.grad_clip), desc="big-rm")

@@ -77,7 +77,7 @@ class Model:
     """Held-out prompts in each gold evaluation."""
 
     @property
-    def prompt_len(self):
+    def prompt_room(self):
         """The room a prompt (BOS included) has in the context."""
         return self.block_size - self.max_new_tokens
 

@@ -64,6 +64,11 @@ class Codec:
     device: object = "cpu"
     """Where the batches are built."""
 
+    @classmethod
+    def of(cls, cfg, tok, device="cpu"):
+        """The codec of a run: its config's prompt room and response length."""
+        return cls(tok, cfg.prompt_room, cfg.max_new_tokens, device)
+
     def prompts(self, prompts):
         return encode_prompts(self.tok, prompts, self.device, max_len=self.prompt_len)
 

@@ -100,7 +100,7 @@ def check_gold_vocabulary(cfg, source):
 def ensure_gold_rm(cfg, source, sft, device):
     """--gold_rm, or out_dir's gold RM (trained first if missing); attaches it to `source` as its
     task, so that every later stage runs as on an embedded task."""
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     path = cfg.gold_rm or gold_rm_path(cfg.out_dir)
     if os.path.exists(path):
         expect = None if cfg.reuse or cfg.gold_rm else made_with(cfg, "sft")

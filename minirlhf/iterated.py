@@ -24,7 +24,7 @@ from .runtime import print_table, write_summary
 def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
     """The rounds of ITERATED_METHODS[name]; returns and records one row per round."""
     method, task = ITERATED_METHODS[name], source.task
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     policy, rows, added = sft, [], []
     for r in range(1, cfg.rounds + 1):
         rng = random.Random(cfg.seed + seeds.ITER_SAMPLES + r)

@@ -138,7 +138,7 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
     continues another (a round of MetaRM or of an iterated method) passes `first_iter`: its
     iteration `it` draws the prompts and randomness of iteration first_iter + it, so it never
     replays the earlier run's batches. Returns (policy, history of evaluation dicts)."""
-    task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    task, codec = source.task, Codec.of(cfg, source.tokenizer, device)
     ref = sft.eval()
     policy = copy.deepcopy(init_policy if init_policy is not None else sft)
     critic = copy.deepcopy(rm.members[0])
@@ -223,6 +223,6 @@ def best_of_n_baseline(cfg, source, sft, rm, device):
     its KL by selection."""
     prompts = source.task.sample_prompts(max(8, cfg.eval_prompts // 4),
                                          random.Random(cfg.seed + seeds.BEST_OF_N), "eval")
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     return best_of_n(sft, rm, source.task, codec, prompts, cfg.temperature,
                      iteration_rng(cfg.seed, -2, device)[1], cfg.bon_max)

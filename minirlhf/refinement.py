@@ -193,7 +193,7 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
     """One RLP round (RLP Alg. 1) for the method RLP_METHODS[name]; returns and
     records its summary."""
     method, task = RLP_METHODS[name], source.task
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     policy = vanilla_policy(cfg, source, sft, rm, device)
     rng = random.Random(cfg.seed + seeds.RLP_SAMPLES)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
@@ -230,7 +230,7 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
     """MetaRM's rounds (name 'metarm'), or the same loop without the meta ascent (name
     'vanilla-rounds', eta = 0: its control)."""
     eta = cfg.meta_eta if name == "metarm" else 0.0
-    task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    task, codec = source.task, Codec.of(cfg, source.tokenizer, device)
     # --ood: train on OOD topics and judge on held-out OOD prompts (D stays in-distribution)
     split, eval_split = ("ood", "ood-eval") if cfg.ood else ("unlabelled", "eval")
     policy, rows = sft, []
@@ -280,7 +280,7 @@ def meta_trained_rm(cfg, sft, codec, prefs, prompts, S, eta, rng, seed, desc):
 def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0)):
     """MetaRM's eta at our scale (the paper's 5e-6 barely moves a small model): one
     round-1 RM per eta."""
-    task, codec = source.task, Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    task, codec = source.task, Codec.of(cfg, source.tokenizer, device)
     rng = random.Random(cfg.seed + seeds.META_SAMPLES + 1)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
     S = policy_samples(sft, codec, prompts, cfg.meta_k, cfg.temperature + cfg.meta_temp_delta,

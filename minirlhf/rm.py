@@ -168,7 +168,7 @@ def rm_paths(out_dir, members):
 def train_rm(cfg, source, sft, device):
     """The proxy RM(s): preference data, Bradley-Terry training, held-out accuracy, normalisation;
     saved to out_dir. Returns the summary."""
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     train, held_noisy, held_clean, sft_samples = preference_data(sft, source, codec, cfg)
     norm_prompts = [p for p, _, _ in train]
     atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean,

@@ -57,7 +57,7 @@ def train_sft(cfg, source, device):
     """SFT from scratch (or from out_dir/sft_state.pt with --resume); saves and
     returns the policy."""
     tok = source.tokenizer
-    codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, tok, device)
     if dist.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
@@ -115,7 +115,7 @@ def summarize_sft(cfg, source, model, metrics, device):
         prompts = source.task.sample_prompts(cfg.eval_prompts, eval_rng, "eval")
         demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id])
                  for p in prompts]
-        codec = Codec(tok, cfg.prompt_len, cfg.max_new_tokens, device)
+        codec = Codec.of(cfg, tok, device)
         samples = sample(model, codec, prompts, cfg.temperature,
                          torch.Generator(device).manual_seed(cfg.seed))
         gold = source.task.golds(prompts, samples)

@@ -63,7 +63,7 @@ def test_every_rlp_method_and_the_control_take_the_same_number_of_rm_steps(train
 def test_a_short_rm_run_still_reaches_its_lr_decay(trained, monkeypatch):
     out, (device, source, sft, rm) = trained
     cfg = smoke(out, "--warmup=30", "--rm_batch=4")
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens, device)
+    codec = Codec.of(cfg, source.tokenizer, device)
     pairs = load_preferences(out)["train"][:31 * 4]  # one epoch of 31 steps, as a MetaRM round's
     calls = []
     recording(monkeypatch, rm_stage, "cosine_lr", calls)

@@ -61,7 +61,7 @@ def test_ppo_ratio_is_one_before_first_update(smoke_dir):
     policy = load_model(os.path.join(smoke_dir, "sft.pt"))[0].train()  # train(): dropout is off, so no change
     policy.set_dropout(0.0)
     prompts = source.task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
-    codec = Codec(source.tokenizer, cfg.prompt_len, cfg.max_new_tokens)
+    codec = Codec.of(cfg, source.tokenizer)
     batch, _ = rollout(policy, sft, rm, rm, *codec.prompts(prompts), codec.tok.eos_id, codec.tok.pad_id, cfg,
                        torch.Generator().manual_seed(0), cfg.kl_coef)
     idx = torch.arange(cfg.minibatch)  # a minibatch, as the update sees it
