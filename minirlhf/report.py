@@ -145,6 +145,112 @@ def trajectories(names):
     return [name for name in names if last[method_of(name)] == name]
 
 
+def agg(by_seed, get, n_seeds, digits=3):
+    """'mean ± CI' of get(summary) over a policy's seeds, '(n=k)' when only k of n_seeds have it.
+    get returns None for not measured, NaN for nothing to measure (e.g. RM accuracy when every
+    pair of samples is a gold tie): both are left out."""
+    vals = [v for v in map(get, by_seed.values()) if v is not None and not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    return (fmt(*mean_ci(vals), len(vals), digits)
+            + (f" (n={len(vals)})" if len(vals) < n_seeds else ""))
+
+
+def summary_lines(cfg, per_seed, names, n_seeds):
+    """The title and the final/peak table, SFT first (vanilla PPO's iteration 0)."""
+    lines = [f"# minirlhf reproduction report: `{cfg.task}`, {n_seeds} seed(s)", "",
+             f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on "
+             f"{cfg.eval_prompts} held-out prompts; win-rate vs SFT counts ties as half. "
+             "'final' is the last PPO iteration, 'peak' the best-gold evaluation. Round r (of "
+             "MetaRM or an iterated method) continues round r-1's policy: its curve and "
+             "matched-KL gold cover rounds 1..r, its peak round r alone.", "",
+             "## Gold win-rate vs SFT and gold reward", "",
+             "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak "
+             "| KL (final) |",
+             "|---|---|---|---|---|---|"]
+    rows = {name: per_seed[name] for name in names}
+    sft = {s: summ["sft"] for s, summ in per_seed.get("ppo", {}).items()}
+    if sft:
+        rows = {"SFT": {s: {"final": h, "peak_gold": h} for s, h in sft.items()}, **rows}
+    cols = [lambda x: 100 * x["final"]["eval/win_rate"], lambda x: x["final"]["eval/gold"],
+            lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
+            lambda x: x["final"]["eval/kl"]]
+    for name, by_seed in rows.items():
+        lines.append(f"| {label(name)} | " + " | ".join(
+            agg(by_seed, c, n_seeds, 1 if i == 0 else 3) for i, c in enumerate(cols)) + " |")
+    return lines
+
+
+def best_of_n_lines(per_seed, names, bon):
+    """Best-of-n's curve over seeds, then each policy against it at its KLs (bon_lines)."""
+    lines = ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "",
+             "| n | KL | proxy | gold |", "|---|---|---|---|"]
+    for i, row in enumerate(next(iter(bon.values()))["curve"]):
+        proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
+        lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
+                     f"{fmt(*mean_ci(gold), len(bon))} |")
+    return lines + bon_lines(per_seed, names, bon)
+
+
+def win_tie_lose_lines(per_seed, names):
+    lines = ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO "
+             "(per prompt, mean over seeds)", "", "| policy | vs SFT | vs vanilla PPO |",
+             "|---|---|---|"]
+    for name in names:
+        vs_sft, vs_ppo = [], []
+        for s, x in per_seed[name].items():
+            f = x["final"]
+            vs_sft.append((f["eval/win"], f["eval/tie"], f["eval/lose"]))
+            if "ppo" in per_seed and s in per_seed["ppo"]:
+                w = win_tie_lose(f["gold_per_prompt"],
+                                 per_seed["ppo"][s]["final"]["gold_per_prompt"])
+                vs_ppo.append((w["win"], w["tie"], w["lose"]))
+        lines.append(f"| {label(name)} | {show(vs_sft)} | {show(vs_ppo)} |")
+    return lines
+
+
+def matched_kl_lines(per_seed, names, n_seeds):
+    lines = ["", "## Gold at matched KL (interpolated along each run) ", "",
+             "A run of rounds is one trajectory: its row is its last round, whose curve holds the "
+             "earlier rounds (a row per round would repeat the first round's crossings).", "",
+             "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |",
+             "|---" * (len(MATCHED_KL) + 1) + "|"]
+    for name in trajectories(names):
+        lines.append(f"| {label(name)} | " + " | ".join(
+            agg(per_seed[name], lambda x, k=k: gold_at_kl(x["curve"], k), n_seeds)
+            for k in MATCHED_KL) + " |")
+    return lines
+
+
+def diagnostics_lines(per_seed, names, n_seeds):
+    lines = ["", "## Diagnostics", "",
+             "Like for like: 'held-out SFT pairs' are the same gold-labelled pairs for every RM; "
+             "'vanilla-PPO pairs' are the same gold-labelled pairs of vanilla PPO's samples for "
+             "the proxy (before) and each one-shot RLP round's RM (after). The other columns are "
+             "measured on each policy's own final samples, against the RM it was trained on "
+             "(n/a for ensembles), so they differ in the samples as much as in the RM.", "",
+             "| policy | RM acc held-out SFT pairs | RM acc vanilla-PPO pairs, before → after "
+             "| RM acc own pairs | proxy-gold corr | reward-diff std | SPG acceptance "
+             "| SPG gold agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def on_ppo_pairs(when):  # only the one-shot RLP rounds measure an RM on vanilla PPO's pairs
+        return lambda x: (x[when].get("rm_acc_policy_pairs") if "rm_before" in x else None)
+    cols = [lambda x: x["final"]["eval/rm_acc_policy_pairs"],
+            lambda x: x["final"]["eval/proxy_gold_corr"],
+            lambda x: x["final"]["eval/proxy_diff_std"], lambda x: x.get("spg/acceptance"),
+            lambda x: x.get("spg/gold_agreement")]
+    for name in names:
+        by_seed = per_seed[name]
+        before = agg(by_seed, on_ppo_pairs("rm_before"), n_seeds)
+        after = agg(by_seed, on_ppo_pairs("rm_after"), n_seeds)
+        cells = [agg(by_seed, lambda x: x.get("rm_after", x).get("held_out_acc_gold"), n_seeds),
+                 "n/a" if after == "n/a" else f"{before} → {after}",
+                 *(agg(by_seed, c, n_seeds) for c in cols)]
+        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(cfg, results, methods):
     """out_dir/<task>/report.md and curves.csv (and curves.png) from results.json's
     cells of `methods`."""
@@ -158,91 +264,13 @@ def write_report(cfg, results, methods):
                 if name not in per_seed:
                     names.append(name)
                 per_seed.setdefault(name, {})[s] = summ
-    lines = [f"# minirlhf reproduction report: `{cfg.task}`, {len(seeds)} seed(s)", "",
-             f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on "
-             f"{cfg.eval_prompts} held-out prompts; win-rate vs SFT counts ties as half. "
-             "'final' is the last PPO iteration, 'peak' the best-gold evaluation. Round r (of "
-             "MetaRM or an iterated method) continues round r-1's policy: its curve and "
-             "matched-KL gold cover rounds 1..r, its peak round r alone.", "",
-             "## Gold win-rate vs SFT and gold reward", "",
-             "| policy | win-rate vs SFT % (final) | gold (final) | gold (peak) | KL at peak "
-             "| KL (final) |",
-             "|---|---|---|---|---|---|"]
-
-    def agg(name, get, digits=3):
-        # None: not measured; NaN: nothing to measure (e.g. RM accuracy when every pair of
-        # samples is a gold tie)
-        vals = [v for v in map(get, per_seed[name].values()) if v is not None and not math.isnan(v)]
-        if not vals:
-            return "n/a"
-        return (fmt(*mean_ci(vals), len(vals), digits)
-                + (f" (n={len(vals)})" if len(vals) < len(seeds) else ""))
-
-    sft_row = {s: summ["sft"] for s, summ in per_seed.get("ppo", {}).items()}
-    if sft_row:
-        per_seed["SFT"] = {s: {"final": h, "peak_gold": h} for s, h in sft_row.items()}
-    for name in (["SFT"] if sft_row else []) + names:
-        cols = [lambda x: 100 * x["final"]["eval/win_rate"], lambda x: x["final"]["eval/gold"],
-                lambda x: x["peak_gold"]["eval/gold"], lambda x: x["peak_gold"]["eval/kl"],
-                lambda x: x["final"]["eval/kl"]]
-        lines.append(f"| {label(name)} | "
-                     + " | ".join(agg(name, c, 1 if i == 0 else 3) for i, c in enumerate(cols))
-                     + " |")
     bon = {s: cell[(s, "bon")] for s in seeds if cell[(s, "bon")]}
-    if bon:
-        lines += ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "",
-                  "| n | KL | proxy | gold |", "|---|---|---|---|"]
-        for i, row in enumerate(next(iter(bon.values()))["curve"]):
-            proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
-            lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
-                         f"{fmt(*mean_ci(gold), len(bon))} |")
-        lines += bon_lines(per_seed, names, bon)
-    lines += ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO "
-              "(per prompt, mean over seeds)", "", "| policy | vs SFT | vs vanilla PPO |",
-              "|---|---|---|"]
-    for name in names:
-        vs_sft, vs_ppo = [], []
-        for s, x in per_seed[name].items():
-            f = x["final"]
-            vs_sft.append((f["eval/win"], f["eval/tie"], f["eval/lose"]))
-            if "ppo" in per_seed and s in per_seed["ppo"]:
-                w = win_tie_lose(f["gold_per_prompt"],
-                                 per_seed["ppo"][s]["final"]["gold_per_prompt"])
-                vs_ppo.append((w["win"], w["tie"], w["lose"]))
-        lines.append(f"| {label(name)} | {show(vs_sft)} | {show(vs_ppo)} |")
-    lines += ["", "## Gold at matched KL (interpolated along each run) ", "",
-              "A run of rounds is one trajectory: its row is its last round, whose curve holds the "
-              "earlier rounds (a row per round would repeat the first round's crossings).", "",
-              "| policy | " + " | ".join(f"KL={k:g}" for k in MATCHED_KL) + " |",
-              "|---" * (len(MATCHED_KL) + 1) + "|"]
-    for name in trajectories(names):
-        lines.append(f"| {label(name)} | "
-                     + " | ".join(agg(name, lambda x, k=k: gold_at_kl(x["curve"], k))
-                                  for k in MATCHED_KL) + " |")
-    lines += paired_lines(per_seed, names, SMALLEST_EFFECT[cfg.task])
-    lines += ["", "## Diagnostics", "",
-              "Like for like: 'held-out SFT pairs' are the same gold-labelled pairs for every RM; "
-              "'vanilla-PPO pairs' are the same gold-labelled pairs of vanilla PPO's samples for "
-              "the proxy (before) and each one-shot RLP round's RM (after). The other columns are "
-              "measured on each policy's own final samples, against the RM it was trained on "
-              "(n/a for ensembles), so they differ in the samples as much as in the RM.", "",
-              "| policy | RM acc held-out SFT pairs | RM acc vanilla-PPO pairs, before → after "
-              "| RM acc own pairs | proxy-gold corr | reward-diff std | SPG acceptance "
-              "| SPG gold agreement |",
-              "|---|---|---|---|---|---|---|---|"]
-
-    def on_ppo_pairs(when):  # only the one-shot RLP rounds measure an RM on vanilla PPO's pairs
-        return lambda x: (x[when].get("rm_acc_policy_pairs") if "rm_before" in x else None)
-    for name in names:
-        cols = [lambda x: x.get("rm_after", x).get("held_out_acc_gold"),
-                lambda x: x["final"]["eval/rm_acc_policy_pairs"],
-                lambda x: x["final"]["eval/proxy_gold_corr"],
-                lambda x: x["final"]["eval/proxy_diff_std"], lambda x: x.get("spg/acceptance"),
-                lambda x: x.get("spg/gold_agreement")]
-        before, after = agg(name, on_ppo_pairs("rm_before")), agg(name, on_ppo_pairs("rm_after"))
-        shift = "n/a" if after == "n/a" else f"{before} → {after}"
-        cells = [agg(name, cols[0]), shift] + [agg(name, c) for c in cols[1:]]
-        lines.append(f"| {label(name)} | " + " | ".join(cells) + " |")
+    lines = (summary_lines(cfg, per_seed, names, len(seeds))
+             + (best_of_n_lines(per_seed, names, bon) if bon else [])
+             + win_tie_lose_lines(per_seed, names)
+             + matched_kl_lines(per_seed, names, len(seeds))
+             + paired_lines(per_seed, names, SMALLEST_EFFECT[cfg.task])
+             + diagnostics_lines(per_seed, names, len(seeds)))
     # results.json alone regenerates the report
     os.makedirs(os.path.join(cfg.out_dir, cfg.task), exist_ok=True)
     with open(os.path.join(cfg.out_dir, cfg.task, "report.md"), "w") as f:
