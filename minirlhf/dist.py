@@ -17,13 +17,13 @@ import torch.distributed as dist
 
 def init(device):
     if "RANK" in os.environ and not dist.is_initialized():
+        if device.type == "cuda":  # before the group: NCCL binds each rank to its current GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         # NCCL reduces GPU tensors only; the counts and losses summed here are CPU numbers
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
         # Left to interpreter shutdown, gloo's worker threads can be torn down unjoined
         # ("terminate called without an active exception", SIGABRT after a finished run).
         atexit.register(_destroy)
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if not is_main():
             sys.stdout = open(os.devnull, "w")  # one rank speaks; errors still reach stderr
 
