@@ -85,6 +85,17 @@ def paired_lines(per_seed, names, delta):
     return lines
 
 
+def bon_curve_lines(bon):
+    """report.md's best-of-n section: its curve (proxy and gold at each n) over seeds."""
+    lines = ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "",
+             "| n | KL | proxy | gold |", "|---|---|---|---|"]
+    for i, row in enumerate(next(iter(bon.values()))["curve"]):
+        proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
+        lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
+                     f"{fmt(*mean_ci(gold), len(bon))} |")
+    return lines
+
+
 def bon_lines(per_seed, names, bon):
     """report.md's RL-vs-best-of-n section: each trajectory's gold at best-of-n's KL for n >= 4,
     minus best-of-n's gold on the same seed (paired; Gao et al. find RL less KL-efficient)."""
@@ -181,17 +192,6 @@ def summary_lines(cfg, per_seed, names, n_seeds):
     return lines
 
 
-def best_of_n_lines(per_seed, names, bon):
-    """Best-of-n's curve over seeds, then each policy against it at its KLs (bon_lines)."""
-    lines = ["", "## Best-of-n against the proxy (KL = log n - (n-1)/n)", "",
-             "| n | KL | proxy | gold |", "|---|---|---|---|"]
-    for i, row in enumerate(next(iter(bon.values()))["curve"]):
-        proxy, gold = ([b["curve"][i][k] for b in bon.values()] for k in ("proxy", "gold"))
-        lines.append(f"| {row['n']} | {row['kl']:.2f} | {fmt(*mean_ci(proxy), len(bon))} | "
-                     f"{fmt(*mean_ci(gold), len(bon))} |")
-    return lines + bon_lines(per_seed, names, bon)
-
-
 def win_tie_lose_lines(per_seed, names):
     lines = ["", "## Win / tie / lose (%) of each final policy vs SFT and vs vanilla PPO "
              "(per prompt, mean over seeds)", "", "| policy | vs SFT | vs vanilla PPO |",
@@ -266,7 +266,7 @@ def write_report(cfg, results, methods):
                 per_seed.setdefault(name, {})[s] = summ
     bon = {s: cell[(s, "bon")] for s in seeds if cell[(s, "bon")]}
     lines = (summary_lines(cfg, per_seed, names, len(seeds))
-             + (best_of_n_lines(per_seed, names, bon) if bon else [])
+             + (bon_curve_lines(bon) + bon_lines(per_seed, names, bon) if bon else [])
              + win_tie_lose_lines(per_seed, names)
              + matched_kl_lines(per_seed, names, len(seeds))
              + paired_lines(per_seed, names, SMALLEST_EFFECT[cfg.task])
