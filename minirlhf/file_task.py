@@ -17,7 +17,6 @@ import torch
 
 from . import seeds
 from .data import Codec, DataError
-from .checkpoint import load
 from .config import UsageError, made_with
 from .model import load_model, save_model
 from .rm import bt_step, normalize_on, rm_accuracy, sample_pairs, score_texts, train_reward_model
@@ -83,29 +82,27 @@ def train_gold_rm(cfg, source, sft, codec):
     return gold
 
 
-def check_gold_vocabulary(cfg, source):
-    """Refuse a gold RM (--gold_rm, or out_dir's) of another vocabulary than this run's tokenizer
-    before SFT trains: its checkpoint records its size."""
+def load_gold_rm(cfg, source):
+    """--gold_rm, or out_dir's gold RM (None when there is none yet), read before SFT trains, so
+    that one made under other settings, or of another vocabulary than this run's tokenizer, is
+    refused before any work."""
     path = cfg.gold_rm or gold_rm_path(cfg.out_dir)
     if not os.path.exists(path):
-        return
-    vocab = load(path, fields=("gpt_config",))["gpt_config"]["vocab_size"]
+        return None
+    expect = None if cfg.reuse or cfg.gold_rm else made_with(cfg, "sft")
+    gold = load_model(path, scalar=True, expect=expect)[0]
+    vocab = gold.gpt.cfg.vocab_size
     if vocab != source.tokenizer.vocab_size:
         named = f"--gold_rm={path}" if cfg.gold_rm else path
         raise UsageError(f"{named}: its vocabulary ({vocab} tokens) is not this run's "
                          f"tokenizer's ({source.tokenizer.vocab_size}): train it with the same "
                          "--tokenizer")
-
-
-def ensure_gold_rm(cfg, source, sft, device):
-    """--gold_rm, or out_dir's gold RM (trained first if missing); attaches it to `source` as its
-    task, so that every later stage runs as on an embedded task."""
-    codec = Codec.of(cfg, source.tokenizer, device)
-    path = cfg.gold_rm or gold_rm_path(cfg.out_dir)
-    if os.path.exists(path):
-        expect = None if cfg.reuse or cfg.gold_rm else made_with(cfg, "sft")
-        gold = load_model(path, scalar=True, expect=expect)[0].to(device).eval()
-    else:
-        gold = train_gold_rm(cfg, source, sft, codec)
-    source.task = FileTask(source.name, source.splits, gold, codec)
     return gold
+
+
+def attach_gold_rm(cfg, source, sft, gold, device):
+    """Make `gold` (load_gold_rm's; trained from `sft` first when None) the judge of `source`,
+    its task: every later stage then runs as on an embedded task."""
+    codec = Codec.of(cfg, source.tokenizer, device)
+    gold = train_gold_rm(cfg, source, sft, codec) if gold is None else gold.to(device).eval()
+    source.task = FileTask(source.name, source.splits, gold, codec)

@@ -1,5 +1,5 @@
 """The stages in order: what an RL-time script needs before its own stage runs."""
-from .file_task import check_gold_vocabulary, ensure_gold_rm
+from .file_task import attach_gold_rm, load_gold_rm
 from .rm import ensure_rm
 from .runtime import setup
 from .sft import ensure_sft
@@ -11,11 +11,10 @@ def prepare_judged(cfg):
     out_dir lacks it), after which it runs like an embedded task."""
     device = setup(cfg)
     source = get_source(cfg)
-    if cfg.data:
-        check_gold_vocabulary(cfg, source)
+    gold = load_gold_rm(cfg, source) if cfg.data else None
     sft = ensure_sft(cfg, source, device)
     if cfg.data:
-        ensure_gold_rm(cfg, source, sft, device)
+        attach_gold_rm(cfg, source, sft, gold, device)
     return device, source, sft
 
 

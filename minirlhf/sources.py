@@ -23,7 +23,7 @@ class TaskSource:
 
 class FileSource:
     """HH-RLHF-style pairs from a file: SFT imitates the chosen responses; the last 10% of pairs are
-    held out, the rest train the gold RM, which becomes `task` (file_task.ensure_gold_rm)."""
+    held out, the rest train the gold RM, which becomes `task` (file_task.attach_gold_rm)."""
     task = None
 
     @property
