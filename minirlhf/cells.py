@@ -1,5 +1,5 @@
 """The reproduction report's runs: every method on every seed, one cell at a time, resumable and
-splittable across processes (ALGORITHMS.md §4).
+splittable across processes (the protocol: README, Science v2; its analysis: ALGORITHMS.md §4.3).
 
 Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with
 the same PPO budget (--iters). A finished cell lands at once as its own file in out_dir/cells/ and

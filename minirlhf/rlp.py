@@ -31,7 +31,7 @@ def jsd_mi(t_pos, t_neg):
 
 
 def _mlp(d_in, d_hidden, d_out):
-    """The 3-layer MLP of ALGORITHMS.md §2.1 (d -> d -> d -> out)."""
+    """The 3-layer MLP of ALGORITHMS.md §2.1 (in -> d -> d -> out)."""
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_hidden),
                          nn.ReLU(), nn.Linear(d_hidden, d_out))
 
