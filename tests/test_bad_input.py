@@ -145,8 +145,8 @@ def test_cuda_without_a_gpu(tmp_path):
 
 
 def test_data_that_is_a_directory(tmp_path):
-    fails(["train_rm.py", *SMOKE, f"--data={tmp_path}"], 2, "--data=", tmp_path / "out")
-    assert "not a file" in script("train_rm.py", *SMOKE, f"--data={tmp_path}").stderr
+    line = fails(["train_rm.py", *SMOKE, f"--data={tmp_path}"], 2, "--data=", tmp_path / "out")
+    assert "not a file" in line
 
 
 PAIR = '{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: %s", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: %s"}'

@@ -157,10 +157,15 @@ def test_iterated_refinement_runs_rounds_that_continue_the_policy(trained, metho
 
 
 def test_gold_ppo_ceiling_runs(trained):
-    from minirlhf.ceilings import gold_ppo
+    from minirlhf.ceilings import GoldReward, gold_ppo
     out, (device, source, sft, rm) = trained
-    result = gold_ppo(smoke(out), source, sft, rm, load_preferences(out), device)
+    prefs = load_preferences(out)
+    result = gold_ppo(smoke(out), source, sft, rm, prefs, device)
     assert result["final"]["iter"] == 3
+    # the reward PPO saw, evaluated as its proxy, is the normalised gold itself
+    gold = GoldReward(source.task, source.tokenizer, rm, prefs["norm_prompts"], prefs["sft_samples"])
+    for p in result["curve"]:
+        assert abs(p["eval/proxy"] - (p["eval/gold"] - gold.mean) / gold.std) < 1e-4
 
 
 def test_big_rm_ceiling_trains_on_ten_times_the_pairs(trained):

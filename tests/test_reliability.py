@@ -142,14 +142,17 @@ def test_two_process_gloo_equals_one_process(tmp_path, stage):
                           "--nproc_per_node=2", *args, f"--out_dir={tmp_path}/two"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
-    stage_name = {"train_sft.py": "sft", "train_rm.py": "sft", "train_ppo.py": "ppo"}[stage]
+    stage_name = {"train_sft.py": "sft", "train_rm.py": "rm", "train_ppo.py": "ppo"}[stage]
     a, b = (_rows(tmp_path / d / "metrics.jsonl", stage_name) for d in ("one", "two"))
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for k in x:  # every logged number but the per-rank variance estimates
             if isinstance(x[k], float) and k not in ("ppo/val/explained_variance", "ppo/ratio/var"):
-                assert abs(x[k] - y[k]) < 1e-4, (k, x[k], y[k])
+                # the RM's normalising mean reads weights that Adam moves by up to its lr where a
+                # gradient is float noise, summed over every SFT sample's score: 1e-4 is too tight
+                tol = 1e-3 if k.startswith("norm_") else 1e-4
+                assert abs(x[k] - y[k]) < tol, (k, x[k], y[k])
     if stage == "train_rm.py":
         ra, rb = (torch.load(tmp_path / d / "rm.pt", weights_only=True)["model"] for d in ("one", "two"))
         assert all(torch.allclose(ra[k], rb[k], atol=1e-3, rtol=1e-3) for k in ra)

@@ -64,12 +64,13 @@ def test_gold_label_is_a_noisy_bradley_terry_annotator():
 
 def test_ensemble_mean_and_min():
     a, b = tiny_rm(), tiny_rm()
-    torch.nn.init.constant_(b.head.bias, 5.0)
+    torch.nn.init.constant_(b.head.bias, -5.0)  # the min is member b's, not the first member's
     batch = (torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([[5, 2]]),
              torch.ones(1, 2, dtype=torch.long))
     ra, rb = a.score(*batch), b.score(*batch)
     assert torch.allclose(Ensemble([a, b], "mean").score(*batch), (ra + rb) / 2)
     assert torch.allclose(Ensemble([a, b], "min").score(*batch), torch.minimum(ra, rb))
+    assert torch.equal(torch.minimum(ra, rb), rb)
 
 
 def write_jsonl(path, lines):

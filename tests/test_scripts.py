@@ -1,6 +1,7 @@
 """Tiny end-to-end runs of each stage on the embedded task (smoke preset: seconds), through the library; and
 every script from the command line."""
 import json
+import math
 import os
 import random
 import subprocess
@@ -91,6 +92,7 @@ def test_best_of_n_smoke(smoke_dir):
     rows = best_of_n_baseline(cfg, source, sft, rm, device)
     assert [r["n"] for r in rows] == [1, 2, 4]
     assert rows[-1]["proxy"] >= rows[0]["proxy"]  # picking by the proxy must raise the proxy
+    assert all(math.isclose(r["kl"], math.log(r["n"]) - (r["n"] - 1) / r["n"]) for r in rows)
 
 
 def test_config_parsing():
