@@ -11,6 +11,7 @@ import torch
 
 from minirlhf.data import DataError
 from minirlhf.file_task import FileTask, prompt_splits
+from minirlhf.generate import generate
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.tokenizer import train_bpe
 
@@ -189,13 +190,16 @@ def test_from_pretrained_save_pretrained_from_pretrained_is_exact(folder, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_folder_written_by_hugging_face_loads_with_equal_logits(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
-    hf.save_pretrained(tmp_path)
-    ours = GPT.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, 50, (2, 7))
+def test_a_folder_written_by_hugging_face_gives_its_logits_and_greedy_tokens():
+    """tests/data/hf-gpt2-tiny: a random GPT-2 that transformers saved, with the logits and the greedy
+    tokens (left-padded prompts) it computed (tests/data/make_hf_gpt2_tiny.py): checked here without
+    transformers installed."""
+    folder = os.path.join(os.path.dirname(__file__), "data", "hf-gpt2-tiny")
+    ref = torch.load(os.path.join(folder, "reference.pt"), weights_only=True)
+    ours = GPT.from_pretrained(folder).eval()
     with torch.no_grad():
-        assert torch.allclose(hf(ids).logits, ours(ids, torch.ones_like(ids)), atol=1e-5)
+        logits = ours(ref["ids"], torch.ones_like(ref["ids"]))
+    torch.testing.assert_close(logits, ref["logits"], atol=1e-5, rtol=0)
+    greedy = generate(ours, ref["prompt"], ref["prompt_mask"], ref["greedy"].shape[1], eos_id=-1,
+                      pad_id=0, greedy=True, stop_early=False)[0]
+    assert torch.equal(greedy, ref["greedy"])
