@@ -177,7 +177,11 @@ def test_every_entry_point_runs_from_the_command_line(tmp_path):
         assert r.returncode == 0, (args[0], r.stderr[-2000:])
     assert "one PPO iteration" in r.stdout
     with open(tmp_path / "out" / "summary.json") as f:
-        assert {"sft", "rm", "ppo", "bon", "refine_control"} <= set(json.load(f))
+        summary = json.load(f)
+    assert {"sft", "rm", "ppo", "bon", "refine_control"} <= set(summary)
+    assert summary["ppo"]["final"]["iter"] == summary["refine_control"]["final"]["iter"] == 3
+    assert [r["n"] for r in summary["bon"]["curve"]] == [1, 2]
+    assert all(math.isfinite(p["eval/gold"]) for p in summary["ppo"]["curve"])
 
 
 def test_sft_starts_from_a_gpt2_checkpoint_with_rows_for_our_special_tokens(tmp_path):
