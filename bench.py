@@ -10,20 +10,28 @@
 """
 import json
 import os
+from dataclasses import fields
 
 import torch
 
 from minirlhf.benchmark import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
                                 peak_memory)
-from minirlhf.benchmark_peers import bench_generate_peer, bench_ppo_peer
+from minirlhf.benchmark_peers import PROMPT_FIELDS, bench_generate_peer, bench_ppo_peer
+from minirlhf.checkpoint import load
 from minirlhf.config import BenchConfig, UsageError, parse_args
 from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import main, print_table, setup
 from minirlhf.validate import validate
 
-UNUSED = ("resume", "reuse", "ckpt_every", "data", "init_from", "tokenizer", "bpe_vocab",
-          "sft_steps", "sft_batch", "sft_lr", "warmup", "weight_decay", "eval_prompts", "iters",
-          "eval_every", "eval_dense", "sample_every", "bon_max", "ppo_lr", "critic_lr")
+# what each mode reads besides --device, --threads, --preset, --only and --json (and --out_dir,
+# where it writes nothing); any other option set is refused, not silently ignored
+READS = {"": ("sizes", "task", "seed", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens",
+              "temperature", "gamma", "lam", "no_eos_penalty", "clip", "grad_clip", "vf_clip",
+              "vf_coef"),
+         "ppo": ("n_layer", "n_head", "n_embd", "vocab", "batch", "prompt_len", "new_tokens",
+                 "reps", "seed"),
+         "generate": ("weights", "new_tokens", "reps", "seed")}
+MODES = {"": "the default table", "ppo": "--only=ppo", "generate": "--only=generate"}
 
 
 def run(cfg):
@@ -52,27 +60,36 @@ def run(cfg):
 
 
 def check(cfg):
-    # options every script shares that bench.py has no use for: refused, not silently ignored
+    if cfg.only not in READS:
+        raise UsageError(f"--only={cfg.only!r}: expected 'ppo' or 'generate'")
     plain = parse_args([f"--preset={cfg.preset}"], BenchConfig)
-    for name in UNUSED:
-        if getattr(cfg, name) != getattr(plain, name):
-            raise UsageError(f"--{name}={getattr(cfg, name)!r}: bench.py does not use it (it "
-                             "times random-weight models, trains nothing and writes nothing)")
+    reads = READS[cfg.only] + ("device", "threads", "preset", "only", "json", "out_dir")
+    for f in fields(cfg):
+        if f.name not in reads and getattr(cfg, f.name) != getattr(plain, f.name):
+            raise UsageError(f"--{f.name}={getattr(cfg, f.name)!r}: bench.py does not use it "
+                             f"with {MODES[cfg.only]}")
     validate(cfg)
     unknown = [s for s in cfg.sizes.split(",") if s not in SIZES]
     if unknown:
         raise UsageError(f"--sizes={cfg.sizes!r}: unknown size {unknown[0]!r}, expected a "
                          f"comma-separated list of {', '.join(SIZES)}")
-    if cfg.only not in ("", "ppo", "generate"):
-        raise UsageError(f"--only={cfg.only!r}: expected 'ppo' or 'generate'")
     if cfg.json and not cfg.only:
         raise UsageError("--json=True: is for --only=ppo or --only=generate (the default table is "
                          "text)")
     if cfg.only == "ppo" and cfg.batch % 4:
         raise UsageError(f"--batch={cfg.batch}: must be a multiple of 4 (4 minibatches)")
-    if cfg.only == "generate" and not os.path.isfile(os.path.join(cfg.weights, "prompts.pt")):
-        raise UsageError(f"--weights={cfg.weights!r}: no prompts.pt there (write it with "
-                         "hf_generate.py --save_dir DIR)")
+    if cfg.only == "ppo" and cfg.vocab < 3:
+        raise UsageError(f"--vocab={cfg.vocab}: must be >= 3 (random prompts avoid ids 0 and 1, "
+                         "pad and EOS)")
+    if cfg.only == "generate":
+        prompts = os.path.join(cfg.weights, "prompts.pt")
+        if not os.path.isfile(prompts):
+            raise UsageError(f"--weights={cfg.weights!r}: no prompts.pt there (write it with "
+                             "hf_generate.py --save_dir DIR)")
+        try:
+            load(prompts, fields=PROMPT_FIELDS)
+        except ValueError as e:
+            raise UsageError(f"--weights={cfg.weights!r}: {e}") from None
 
 
 if __name__ == "__main__":

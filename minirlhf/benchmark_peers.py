@@ -16,11 +16,15 @@ from dataclasses import replace
 
 import torch
 
+from .checkpoint import load
 from .config import PPOConfig
 from .generate import generate
 from .model import GPT, GPTConfig, ScalarModel
 from .runtime import adamw
 from .ppo_trainer import ppo_update, rollout
+
+# what hf_generate.py --save_dir writes beside the weights
+PROMPT_FIELDS = ("input_ids", "attention_mask", "pad_id")
 
 
 def cpu_clocks():
@@ -106,7 +110,7 @@ def bench_generate_peer(cfg):
     and prompts (median of reps calls after one warm-up)."""
     start = cpu_clocks()
     model = GPT.from_pretrained(cfg.weights).eval()
-    saved = torch.load(os.path.join(cfg.weights, "prompts.pt"), weights_only=True)
+    saved = load(os.path.join(cfg.weights, "prompts.pt"), fields=PROMPT_FIELDS)
     ids, mask = saved["input_ids"], saved["attention_mask"]
     gen = torch.Generator().manual_seed(cfg.seed)
     N = cfg.new_tokens

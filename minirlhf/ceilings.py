@@ -47,8 +47,8 @@ def gold_ppo(cfg, source, sft, rm, prefs, device):
 
 def big_rm_ppo(cfg, source, sft, device, scale=10):
     """The `big-rm` ceiling: a proxy RM trained, like the proxy, on `scale` x its preference pairs
-    (pairs of SFT samples, the same labeller; its first pairs are the proxy's own), then PPO on it
-    with the same recipe and budget."""
+    (pairs of SFT samples, drawn and labelled the same way), then PPO on it with the same recipe
+    and budget."""
     big_cfg = replace(cfg, rm_pairs=scale * cfg.rm_pairs)
     codec = Codec.of(cfg, source.tokenizer, device)
     train, _, held_clean, sft_samples = preference_data(sft, source, codec, big_cfg)

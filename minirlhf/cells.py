@@ -7,12 +7,12 @@ is merged into out_dir/results.json; finished cells are never rerun.
 """
 import json
 import os
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from tqdm import tqdm
 
 from .ceilings import big_rm_ppo, gold_ppo
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, check_made_with
 from .evaluate import summarize
 from .iterated import iterated_rounds
 from .pipeline import prepare_rl
@@ -93,15 +93,37 @@ def six_digits(x):
     return x
 
 
+# options that say which cells run, where and how fast, not what a cell computes
+NOT_SETTINGS = {"out_dir", "device", "threads", "resume", "reuse", "ckpt_every", "preset", "seeds",
+                "first_seed", "methods"}
+
+
+def settings(cfg):
+    """{option: value} of what shapes a cell: the same for every cell of one report."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_SETTINGS}
+
+
+def check_settings(cfg):
+    """Finished cells are reused by key alone (task/seed/method): refuse to add cells under other
+    settings than out_dir/<task>/settings.json records (written when its first cell ran)."""
+    path = os.path.join(cfg.out_dir, cfg.task, "settings.json")
+    if os.path.exists(path) and not cfg.reuse:
+        with open(path) as f:
+            check_made_with(path, json.load(f), settings(cfg))
+
+
 def run_report(cfg):
     """Every method on seeds first_seed .. first_seed + seeds - 1 of cfg.task, then
     report.md and the curves."""
     results = load_results(cfg.out_dir)
     methods = cfg.methods.split(",") if cfg.methods else METHODS
     cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in methods]
+    settings_path = os.path.join(cfg.out_dir, cfg.task, "settings.json")
     for k, method in tqdm(cells, desc=f"report {cfg.task}"):
         key = f"{cfg.task}/seed{k}/{method}"
         if key not in results:  # finished cells are never rerun
+            if not os.path.exists(settings_path):  # what check_settings holds later runs to
+                atomic_write_json(settings(cfg), settings_path)
             seed_cfg = replace(cfg, seed=k, out_dir=os.path.join(cfg.out_dir, cfg.task, f"seed{k}"))
             # one writer per seed folder; processes may split the seeds
             with lock_out_dir(seed_cfg.out_dir):

@@ -72,7 +72,8 @@ class Model:
     max_new_tokens: int = 40
     """Response length limit; prompts keep their last block_size - max_new_tokens tokens."""
     temperature: float = 1.0
-    """Sampling temperature, used in every log-prob computation too."""
+    """Sampling temperature of the preference pairs, PPO's rollouts (and their log-probs), the
+    evaluations and best-of-n; RLP samples its P at 1, as the paper does."""
     eval_prompts: int = 256
     """Held-out prompts in each gold evaluation."""
 
@@ -185,7 +186,8 @@ class Refine:
     """RLP-SPG: 'cluster' (the paper) or 'rm' (ablation: RM-best vs RM-worst
     sample, no clustering)."""
     oracle_pairs: int = 2000
-    """oracle-iter: at most this many clean gold-labelled policy pairs added per round."""
+    """oracle-iter: at most this many clean gold-labelled policy pairs added per round; every
+    refinement's RM epoch is as long as D plus this many, controls included."""
     rounds: int = 3
     """MetaRM and the iterated refinements (*-iter): rounds, each refining the RM on the current
     policy's samples and continuing PPO. Their lengths are 1, 1, 2, 2, ... parts of --iters, so
@@ -384,6 +386,8 @@ def parse_args(argv=None, cls=PPOConfig):
     for arg in argv:
         if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) is bool:
             arg += "=True"  # a bare boolean flag: --json
+        if arg.startswith("--") and "=" not in arg and arg[2:] not in types:
+            raise UsageError(f"unknown option {arg} for this script (see --help)")
         if not arg.startswith("--") or "=" not in arg:
             raise UsageError(f"argument {arg!r} is not of the form --key=value (see --help)")
         key, raw = arg[2:].split("=", 1)

@@ -9,6 +9,7 @@ loss, and is normalised to mean 0 / std 1 on SFT samples. Writes out_dir/rm.pt (
 """
 import copy
 import json
+import math
 import os
 import random
 import statistics
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from . import dist, seeds
 from .checkpoint import atomic_write_json
 from .config import made_with
-from .data import Codec, gold_label
+from .data import Codec, DataError, gold_label
 from .model import load_model, save_model
 from .reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_model_from
 from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
@@ -35,7 +36,10 @@ def pair_rewards(rm, codec, prompts, chosen, rejected):
 
 @torch.no_grad()
 def rm_accuracy(rm, codec, pairs, batch=256):
-    """Pairwise accuracy of rm on [(prompt, chosen, rejected)]."""
+    """Pairwise accuracy of rm on [(prompt, chosen, rejected)]; nan for no pairs (a policy that
+    collapsed to one response per prompt leaves none)."""
+    if not pairs:
+        return float("nan")
     rc, rr = zip(*(pair_rewards(rm, codec, *zip(*pairs[i:i + batch]))
                    for i in range(0, len(pairs), batch)))
     return pairwise_accuracy(torch.cat(rc), torch.cat(rr))
@@ -130,6 +134,9 @@ def train_reward_model(sft, pairs, cfg, device, seed, step, epochs=None, aux=Non
     a module trained jointly with the RM (RLP-UML's encoder and critic, which its step holds),
     shares the optimizer and is thrown away afterwards. `steps_per_epoch` (default: one pass over
     `pairs`) lets methods that add pairs to D train for as many steps as the ones that do not."""
+    if not pairs:  # an epoch of no pairs never fills, and the loop below would never end
+        raise DataError(f"{desc}: no preference pairs to train on (each sampled pair had two "
+                        "identical responses: raise --rm_pairs or --temperature)")
     torch.manual_seed(seed)
     rm = (reward_model_from(sft) if init is None else copy.deepcopy(init)).to(device)
     rm.gpt.set_dropout(cfg.dropout)
@@ -199,8 +206,9 @@ def train_rm(cfg, source, sft, device):
         hot = clean_labelled(source.task, sample_pairs(sft, codec, prompts, 1.5, gen,
                                                        desc="sampling shifted pairs"))
         summary["shifted_acc_gold_T1.5"] = rm_accuracy(combine(rms, cfg.ensemble_agg), codec, hot)
-        print(f"gold-label accuracy on pairs of SFT samples {summary['held_out_acc_gold']:.3f} "
-              f"vs on pairs from a shifted (T=1.5) sampler {summary['shifted_acc_gold_T1.5']:.3f}")
+        print("gold-label accuracy on pairs of SFT samples "
+              f"{summary.get('held_out_acc_gold', math.nan):.3f} vs on pairs from a shifted "
+              f"(T=1.5) sampler {summary['shifted_acc_gold_T1.5']:.3f}")
     write_summary(cfg, "rm", summary)
     return summary
 

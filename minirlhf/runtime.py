@@ -71,8 +71,8 @@ def clip_and_check(params, max_norm, what, step=None):
 def main(run, cls, validate=None, lock=True):
     """A script's entry point. `--help` lists its options. The whole config is checked
     (`validate(cfg)`) before any work; a bad option ends in one line on stderr and exit code 2, bad
-    data or a failed run in one line and exit code 1, Ctrl-C in one line and exit code 130 —
-    never a traceback. With `lock`, out_dir has one writer."""
+    data or a failed run in one line and exit code 1, Ctrl-C in one line and exit code 130: only a
+    bug in minirlhf shows a traceback. With `lock`, out_dir has one writer."""
     argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
         print_help(cls, os.path.basename(sys.argv[0]))

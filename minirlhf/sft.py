@@ -58,6 +58,10 @@ def train_sft(cfg, source, device):
     returns the policy."""
     tok = source.tokenizer
     codec = Codec.of(cfg, tok, device)
+    state_path = os.path.join(cfg.out_dir, "sft_state.pt")
+    state = (load(state_path, expect=None if cfg.reuse else made_with(cfg, "sft"),
+                  fields=("model", "opt", "step"))
+             if cfg.resume and os.path.exists(state_path) else None)
     if dist.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
@@ -65,9 +69,8 @@ def train_sft(cfg, source, device):
     print(f"SFT: {source.name}, {model.num_params() / 1e6:.2f}M parameters, "
           f"{cfg.sft_steps} steps x {cfg.sft_batch}")
     opt = adamw(model.parameters(), lr=cfg.sft_lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    state_path, start = os.path.join(cfg.out_dir, "sft_state.pt"), 0
-    if cfg.resume and os.path.exists(state_path):
-        state = load(state_path, fields=("model", "opt", "step"))
+    start = 0
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -93,8 +96,8 @@ def train_sft(cfg, source, device):
         opt.step()
         metrics.log(step=step, loss=dist.all_sum(loss.item()), lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.ckpt_every == 0:
-            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
-                        state_path)
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                         "config": made_with(cfg, "sft")}, state_path)
     model.eval()
     path = os.path.join(cfg.out_dir, "sft.pt")
     save_model(path, model, source=source.name, config=made_with(cfg, "sft"))

@@ -69,7 +69,19 @@ def gpt2_bpe(vocab_json, merges_txt):
     after its 50257 ids."""
     with open(vocab_json) as f:
         vocab = json.load(f)
+    bad = next((t for t, i in vocab.items() if type(i) is not int), None)
+    if bad is not None:
+        raise ValueError(f"{vocab_json}: token {bad!r} has id {vocab[bad]!r}, not an integer")
+    merges = []
     with open(merges_txt) as f:
-        merges = [tuple(line.split()) for line in f.read().splitlines()[1:]  # line 0: #version
-                  if line.strip()]
-    return _byte_level(HFTokenizer(models.BPE(vocab, merges)))
+        for n, line in enumerate(f.read().splitlines()[1:], start=2):  # line 1: #version
+            if line.strip():
+                merges.append(tuple(line.split()))
+                if len(merges[-1]) != 2:
+                    raise ValueError(f"{merges_txt}, line {n}: expected two tokens, got "
+                                     f"{len(merges[-1])}")
+    try:
+        bpe = models.BPE(vocab, merges)
+    except Exception as e:  # tokenizers raises a bare Exception (e.g. a merge out of vocabulary)
+        raise ValueError(f"{merges_txt}: {e}") from None
+    return _byte_level(HFTokenizer(bpe))

@@ -3,14 +3,17 @@ code 2, in seconds)."""
 import json
 import math
 import os
+import re
 from dataclasses import fields
 
 import torch
 
 from .checkpoint import load
 from .config import PRESETS, UsageError
+from .model import GPTConfig
 from .refinement import round_weights
 from .tasks import TASKS
+from .tokenizer import gpt2_bpe
 
 
 def validate(cfg, methods=None):
@@ -36,10 +39,13 @@ def validate(cfg, methods=None):
     need(0 <= cfg.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
     need(cfg.task in TASKS, "task", f"expected one of {sorted(TASKS)}")
     need(cfg.preset in PRESETS, "preset", f"expected one of {sorted(PRESETS)}")
-    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), "device",
-         "expected 'auto', 'cpu' or 'cuda'")
+    need(cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device), "device",
+         "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     need(not cfg.device.startswith("cuda") or torch.cuda.is_available(), "device",
          "no CUDA GPU is available here (use --device=cpu or auto)")
+    gpus = torch.cuda.device_count()
+    need(not cfg.device.startswith("cuda:") or int(cfg.device[5:]) < gpus, "device",
+         f"this machine has {gpus} GPU(s), numbered from 0")
     need(cfg.threads >= 0, "threads", "must be >= 0")
     if methods is not None:
         need(cfg.method in methods, "method", f"expected one of {', '.join(methods)}")
@@ -62,6 +68,10 @@ def validate(cfg, methods=None):
     need(0 <= getattr(cfg, "lam", 1) <= 1, "lam", "must be in [0, 1]")
     need(getattr(cfg, "n_samples", 2) >= 2, "n_samples",
          "must be >= 2 (RLP compares samples of one prompt)")
+    need(getattr(cfg, "meta_k", 2) >= 2, "meta_k",
+         "must be >= 2 (MetaRM's difference objective compares samples of one prompt)")
+    need(getattr(cfg, "spg_gamma", 0) < 1, "spg_gamma", "must be < 1 (SPG keeps a prompt only "
+         "when some sample lies outside its largest group, whose confidence is then below 1)")
     # the methods this run may reach (experiments.py without --methods runs them all)
     runs = getattr(cfg, "method", "") or getattr(cfg, "methods", "") or (
         "uml" if "methods" in names else "")
@@ -114,7 +124,11 @@ def validate(cfg, methods=None):
                  for w in ("pytorch_model.bin", "model.safetensors")), "init_from",
              "has neither pytorch_model.bin nor model.safetensors")
         hf_cfg = json_object(cfg, "init_from", "config.json", "a JSON object")
-        positions = hf_cfg.get("n_positions", 0)
+        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            value = hf_cfg.get(key, 1)
+            need(type(value) is int and value >= 1, "init_from",
+                 f"config.json's {key} is {value!r}, not a positive integer")
+        positions = hf_cfg.get("n_positions", GPTConfig.n_positions)
         need(cfg.block_size <= positions, "block_size", f"exceeds the checkpoint's n_positions "
              f"({positions}) in --init_from")
     if cfg.tokenizer:
@@ -123,6 +137,10 @@ def validate(cfg, methods=None):
         for name in ("vocab.json", "merges.txt"):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")
         json_object(cfg, "tokenizer", "vocab.json", "a JSON object {token: id}")
+        try:  # built now: it is otherwise first built after the data is read
+            gpt2_bpe(*(os.path.join(cfg.tokenizer, n) for n in ("vocab.json", "merges.txt")))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"--tokenizer={cfg.tokenizer!r}: {e}") from None
 
 
 def json_object(cfg, option, name, kind):

@@ -77,7 +77,7 @@ def trained(tmp_path_factory):
     ("bench.py", ["--resume=True"], "--resume=True: bench.py does not use it"),
     ("bench.py", ["--sft_steps=10"], "--sft_steps=10: bench.py does not use it"),
     ("train_sft.py", ["--seed=-1"], "--seed=-1: must be in [0, 2**32)"),
-    ("train_sft.py", ["--device=tpu"], "--device='tpu': expected 'auto', 'cpu' or 'cuda'"),
+    ("train_sft.py", ["--device=tpu"], "--device='tpu': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("train_sft.py", ["--threads=-1"], "--threads=-1: must be >= 0"),
     ("train_sft.py", ["--dropout=1.0"], "--dropout=1.0: must be in [0, 1)"),
     ("train_ppo.py", ["--gamma=2.0"], "--gamma=2.0: must be in [0, 1]"),
@@ -94,6 +94,15 @@ def trained(tmp_path_factory):
     ("experiments.py", ["--rm_batch=1"], "--rm_batch=1: must be >= 2 for RLP-UML"),
     ("experiments.py", ["--first_seed=4294967295", "--seeds=2"], "--seeds=2: runs seeds past 2**32 - 1"),
     ("refine.py", ["--oracle_pairs=-5"], "--oracle_pairs=-5: must be >= 0"),
+    ("refine.py", ["--method=metarm", "--meta_k=1"], "--meta_k=1: must be >= 2"),
+    ("refine.py", ["--method=spg", "--spg_gamma=1.0"], "--spg_gamma=1.0: must be < 1"),
+    ("experiments.py", ["--ood=True"], "--ood=True: the report pairs every method on the same"),
+    ("train_sft.py", ["--device=cuda:abc"], "--device='cuda:abc': expected 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("train_sft.py", ["--resum"], "unknown option --resum for this script"),
+    ("bench.py", ["--kl_coef=0.5"], "--kl_coef=0.5: bench.py does not use it with the default table"),
+    ("bench.py", ["--only=ppo", "--ppo_epochs=3"], "--ppo_epochs=3: bench.py does not use it with --only=ppo"),
+    ("bench.py", ["--only=generate", "--vocab=64"], "--vocab=64: bench.py does not use it with --only=generate"),
+    ("bench.py", ["--only=ppo", "--vocab=2"], "--vocab=2: must be >= 3"),
     ("refine.py", ["--data=README.md", "--gold_rm=README.md"], "--gold_rm='README.md': README.md: corrupt or truncated checkpoint"),
 ])
 def test_bad_option_is_one_line_exit_2_before_any_work(tmp_path, script_name, args, message):
@@ -131,6 +140,52 @@ def test_a_malformed_gpt2_folder_is_named(tmp_path, config, vocab, message):
     line = fails(["train_sft.py", "--preset=smoke", "--data=README.md", f"--init_from={folder}",
                   f"--tokenizer={folder}"], 2, "", tmp_path / "out")
     assert line.replace(repr(str(folder)), "DIR").startswith(f"error: {message}"), line
+
+
+@pytest.mark.parametrize("vocab, merges, message", [
+    ('{"a": "zero"}', "#version\n", "vocab.json: token 'a' has id 'zero', not an integer"),
+    ('{"a": 0, "b": 1}', "#version\na b c\n", "merges.txt, line 2: expected two tokens, got 3"),
+    ('{"a": 0, "b": 1}', "#version\na c\n", "merges.txt: Error while initializing BPE: Token `c` out of vocabulary"),
+])
+def test_a_malformed_tokenizer_folder_is_named(tmp_path, vocab, merges, message):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(vocab)
+    (folder / "merges.txt").write_text(merges)
+    line = fails(["train_sft.py", "--preset=smoke", "--data=README.md", f"--tokenizer={folder}"], 2, message,
+                 tmp_path / "out")
+    assert line.startswith(f"error: --tokenizer={str(folder)!r}: "), line
+
+
+def test_a_gpt2_config_field_of_the_wrong_type_is_named(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"n_positions": "abc"}')
+    (folder / "pytorch_model.bin").write_text("garbage")
+    fails(["train_sft.py", "--preset=smoke", "--data=README.md", f"--init_from={folder}", f"--tokenizer={folder}"],
+          2, "config.json's n_positions is 'abc', not a positive integer", tmp_path / "out")
+
+
+@pytest.mark.parametrize("saved, message", [
+    (None, "prompts.pt: corrupt or truncated checkpoint"),
+    ({"input_ids": torch.zeros(1, 2, dtype=torch.long), "pad_id": 0}, "no field 'attention_mask'"),
+])
+def test_a_bad_prompts_file_for_bench_is_named(tmp_path, saved, message):
+    folder = tmp_path / "w"
+    folder.mkdir()
+    if saved is None:
+        (folder / "prompts.pt").write_text("garbage")
+    else:
+        torch.save(saved, folder / "prompts.pt")
+    fails(["bench.py", "--only=generate", f"--weights={folder}"], 2, message, tmp_path / "out")
+
+
+def test_resuming_sft_under_other_settings_names_them(tmp_path):
+    out = tmp_path / "out"
+    args = ["train_sft.py", "--preset=smoke", "--threads=1", "--sft_steps=6", "--ckpt_every=3"]
+    assert script(*args, f"--out_dir={out}").returncode == 0
+    fails([*args, "--resume=True", "--sft_lr=0.5"], 2, "sft_state.pt was made with --sft_lr=0.003, this run asks "
+                                                       "for --sft_lr=0.5", out)
 
 
 def test_empty_out_dir_is_named(tmp_path):

@@ -50,11 +50,19 @@ def test_experiments_smoke_writes_every_file(tmp_path):
         assert json.load(f) == results
     again = run_report(cfg)  # resumes: every cell is already there, nothing reruns
     assert again == results
-    cli = subprocess.run([sys.executable, "experiments.py", "--preset=smoke", "--seeds=1", f"--out_dir={out}",
-                          "--rounds=1", "--iters=2"], cwd=ROOT, capture_output=True, text=True)
+    same = ["--preset=smoke", "--seeds=1", f"--out_dir={out}", "--rounds=1", "--iters=2", "--bon_max=2",
+            "--rm_pairs=48", "--eval_prompts=8"]
+    cli = subprocess.run([sys.executable, "experiments.py", *same], cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 0 and "wrote" in cli.stdout, cli.stderr  # the report rebuilt, from the cells alone
     with open(out / "results.json") as f:
         assert json.load(f) == results
+    # finished cells are reused by key alone: adding cells under other settings is refused before any work
+    cli = subprocess.run([sys.executable, "experiments.py", *same, "--iters=3", "--seeds=2"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [
+        f"error: {out / 'reviews' / 'settings.json'} was made with --iters=2, this run asks for --iters=3: use "
+        "another --out_dir, or --reuse=True to use it anyway"], cli.stderr
+    assert not (out / "reviews" / "seed1").exists()
 
 
 def test_verdict_reads_a_contrast_by_the_pre_registered_rule():

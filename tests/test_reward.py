@@ -142,3 +142,13 @@ def test_real_hh_rlhf_file_loads():
     pairs = load_hh_pairs(HH)
     assert len(pairs) > 2000
     assert all(p.endswith("Assistant:") for p, _, _ in pairs[:100])
+
+
+def test_an_rm_with_no_pairs_is_an_error_not_a_hang():
+    # sample_pairs drops pairs of identical responses: a near-deterministic SFT can leave none
+    from minirlhf.config import RMConfig
+    from minirlhf.rm import rm_accuracy, train_reward_model
+    sft = GPT(GPTConfig(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=1))
+    with pytest.raises(DataError, match="no preference pairs to train on"):
+        train_reward_model(sft, [], RMConfig(), torch.device("cpu"), seed=0, step=None)
+    assert math.isnan(rm_accuracy(None, None, []))
