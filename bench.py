@@ -23,11 +23,12 @@ from minirlhf.model import GPT, GPTConfig
 from minirlhf.runtime import main, print_table, setup
 from minirlhf.validate import validate
 
-# what each mode reads besides --device, --threads, --preset, --only and --json (and --out_dir,
-# where it writes nothing); any other option set is refused, not silently ignored
-READS = {"": ("sizes", "task", "seed", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens",
-              "temperature", "gamma", "lam", "no_eos_penalty", "clip", "grad_clip", "vf_clip",
-              "vf_coef"),
+# what each mode reads besides --threads, --only and --json (and --preset, --out_dir: a bundle of
+# defaults, and a folder it writes nothing to); any other option set is refused, not ignored
+# (--only's modes run on the CPU, as their peers do)
+READS = {"": ("sizes", "device", "task", "rollout_batch", "minibatch", "ppo_epochs",
+              "max_new_tokens", "temperature", "gamma", "lam", "no_eos_penalty", "clip",
+              "grad_clip", "vf_clip", "vf_coef"),
          "ppo": ("n_layer", "n_head", "n_embd", "vocab", "batch", "prompt_len", "new_tokens",
                  "reps", "seed"),
          "generate": ("weights", "new_tokens", "reps", "seed")}
@@ -63,7 +64,7 @@ def check(cfg):
     if cfg.only not in READS:
         raise UsageError(f"--only={cfg.only!r}: expected 'ppo' or 'generate'")
     plain = parse_args([f"--preset={cfg.preset}"], BenchConfig)
-    reads = READS[cfg.only] + ("device", "threads", "preset", "only", "json", "out_dir")
+    reads = READS[cfg.only] + ("threads", "only", "json", "preset", "out_dir")
     for f in fields(cfg):
         if f.name not in reads and getattr(cfg, f.name) != getattr(plain, f.name):
             raise UsageError(f"--{f.name}={getattr(cfg, f.name)!r}: bench.py does not use it "

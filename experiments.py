@@ -10,13 +10,13 @@
                                                      # process beside one running --seeds=3 on
                                                      # the same out_dir
 
-Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes (under
-the settings out_dir/<task>/settings.json records: others are refused). Writes
+Finished cells are kept in out_dir/results.json and never rerun, so a killed report resumes (new
+cells under other settings than out_dir/<task>/settings.json records are refused). Writes
 out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
 """
 from minirlhf import dist
 from minirlhf.config import ReportConfig, UsageError
-from minirlhf.cells import KNOWN_METHODS, check_settings, run_report
+from minirlhf.cells import KNOWN_METHODS, run_report
 from minirlhf.runtime import main
 from minirlhf.validate import validate
 
@@ -38,7 +38,6 @@ def check(cfg):
     if cfg.ood:
         raise UsageError("--ood=True: the report pairs every method on the same in-distribution "
                          "prompts; run refine.py --method=metarm --ood=True for MetaRM's OOD mode")
-    check_settings(cfg)
     unknown = ([m for m in cfg.methods.split(",") if m not in KNOWN_METHODS] if cfg.methods
                else [])
     if unknown:

@@ -93,9 +93,9 @@ def six_digits(x):
     return x
 
 
-# options that say which cells run, where and how fast, not what a cell computes
+# options that say which cells run, where and how fast, or what is printed: not what a cell computes
 NOT_SETTINGS = {"out_dir", "device", "threads", "resume", "reuse", "ckpt_every", "preset", "seeds",
-                "first_seed", "methods"}
+                "first_seed", "methods", "sample_every"}
 
 
 def settings(cfg):
@@ -103,34 +103,30 @@ def settings(cfg):
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_SETTINGS}
 
 
-def check_settings(cfg):
-    """Finished cells are reused by key alone (task/seed/method): refuse to add cells under other
-    settings than out_dir/<task>/settings.json records (written when its first cell ran)."""
-    path = os.path.join(cfg.out_dir, cfg.task, "settings.json")
-    if os.path.exists(path) and not cfg.reuse:
-        with open(path) as f:
-            check_made_with(path, json.load(f), settings(cfg))
-
-
 def run_report(cfg):
     """Every method on seeds first_seed .. first_seed + seeds - 1 of cfg.task, then
-    report.md and the curves."""
+    report.md and the curves. Finished cells are reused by key alone (task/seed/method), so new
+    cells are refused under other settings than out_dir/<task>/settings.json records (written when
+    the first cell finished)."""
     results = load_results(cfg.out_dir)
     methods = cfg.methods.split(",") if cfg.methods else METHODS
     cells = [(k, m) for k in range(cfg.first_seed, cfg.first_seed + cfg.seeds) for m in methods]
-    settings_path = os.path.join(cfg.out_dir, cfg.task, "settings.json")
-    for k, method in tqdm(cells, desc=f"report {cfg.task}"):
+    todo = [(k, m) for k, m in cells if f"{cfg.task}/seed{k}/{m}" not in results]
+    path = os.path.join(cfg.out_dir, cfg.task, "settings.json")
+    if todo and os.path.exists(path) and not cfg.reuse:
+        with open(path) as f:
+            check_made_with(path, json.load(f), settings(cfg))
+    for k, method in tqdm(todo, desc=f"report {cfg.task}", initial=len(cells) - len(todo),
+                          total=len(cells)):
         key = f"{cfg.task}/seed{k}/{method}"
-        if key not in results:  # finished cells are never rerun
-            if not os.path.exists(settings_path):  # what check_settings holds later runs to
-                atomic_write_json(settings(cfg), settings_path)
-            seed_cfg = replace(cfg, seed=k, out_dir=os.path.join(cfg.out_dir, cfg.task, f"seed{k}"))
-            # one writer per seed folder; processes may split the seeds
-            with lock_out_dir(seed_cfg.out_dir):
-                cell = {key: run_cell(seed_cfg, method)}
-            atomic_write_json(cell, os.path.join(cfg.out_dir, "cells",
-                                                 key.replace("/", "-") + ".json"))
-            results.update(cell)
+        seed_cfg = replace(cfg, seed=k, out_dir=os.path.join(cfg.out_dir, cfg.task, f"seed{k}"))
+        # one writer per seed folder; processes may split the seeds
+        with lock_out_dir(seed_cfg.out_dir):
+            cell = {key: run_cell(seed_cfg, method)}
+        atomic_write_json(cell, os.path.join(cfg.out_dir, "cells", key.replace("/", "-") + ".json"))
+        if not os.path.exists(path):
+            atomic_write_json(settings(cfg), path)
+        results.update(cell)
     results = load_results(cfg.out_dir)
     write_report(cfg, results, KNOWN_METHODS)
     print(f"wrote {cfg.out_dir}/results.json and {cfg.out_dir}/{cfg.task}/report.md, curves.csv")

@@ -103,6 +103,7 @@ def trained(tmp_path_factory):
     ("bench.py", ["--only=ppo", "--ppo_epochs=3"], "--ppo_epochs=3: bench.py does not use it with --only=ppo"),
     ("bench.py", ["--only=generate", "--vocab=64"], "--vocab=64: bench.py does not use it with --only=generate"),
     ("bench.py", ["--only=ppo", "--vocab=2"], "--vocab=2: must be >= 3"),
+    ("bench.py", ["--only=ppo", "--device=cpu"], "--device='cpu': bench.py does not use it with --only=ppo"),
     ("refine.py", ["--data=README.md", "--gold_rm=README.md"], "--gold_rm='README.md': README.md: corrupt or truncated checkpoint"),
 ])
 def test_bad_option_is_one_line_exit_2_before_any_work(tmp_path, script_name, args, message):
