@@ -32,7 +32,6 @@ READS = {"": ("sizes", "device", "task", "rollout_batch", "minibatch", "ppo_epoc
          "ppo": ("n_layer", "n_head", "n_embd", "vocab", "batch", "prompt_len", "new_tokens",
                  "reps", "seed"),
          "generate": ("weights", "new_tokens", "reps", "seed")}
-MODES = {"": "the default table", "ppo": "--only=ppo", "generate": "--only=generate"}
 
 
 def run(cfg):
@@ -67,8 +66,9 @@ def check(cfg):
     reads = READS[cfg.only] + ("threads", "only", "json", "preset", "out_dir")
     for f in fields(cfg):
         if f.name not in reads and getattr(cfg, f.name) != getattr(plain, f.name):
+            mode = f"--only={cfg.only}" if cfg.only else "the default table"
             raise UsageError(f"--{f.name}={getattr(cfg, f.name)!r}: bench.py does not use it "
-                             f"with {MODES[cfg.only]}")
+                             f"with {mode}")
     validate(cfg)
     unknown = [s for s in cfg.sizes.split(",") if s not in SIZES]
     if unknown:

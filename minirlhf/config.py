@@ -384,10 +384,11 @@ def parse_args(argv=None, cls=PPOConfig):
     types = {f.name: f.type for f in fields(cls)}
     overrides = {}
     for arg in argv:
-        if arg.startswith("--") and "=" not in arg and types.get(arg[2:]) is bool:
-            arg += "=True"  # a bare boolean flag: --json
-        if arg.startswith("--") and "=" not in arg and arg[2:] not in types:
-            raise UsageError(f"unknown option {arg} for this script (see --help)")
+        if arg.startswith("--") and "=" not in arg:
+            if types.get(arg[2:]) is bool:
+                arg += "=True"  # a bare boolean flag: --json
+            elif arg[2:] not in types:
+                raise UsageError(f"unknown option {arg} for this script (see --help)")
         if not arg.startswith("--") or "=" not in arg:
             raise UsageError(f"argument {arg!r} is not of the form --key=value (see --help)")
         key, raw = arg[2:].split("=", 1)

@@ -58,9 +58,8 @@ def train_sft(cfg, source, device):
     returns the policy."""
     tok = source.tokenizer
     codec = Codec.of(cfg, tok, device)
-    state_path = os.path.join(cfg.out_dir, "sft_state.pt")
-    state = (load(state_path, expect=None if cfg.reuse else made_with(cfg, "sft"),
-                  fields=("model", "opt", "step"))
+    made, state_path = made_with(cfg, "sft"), os.path.join(cfg.out_dir, "sft_state.pt")
+    state = (load(state_path, expect=None if cfg.reuse else made, fields=("model", "opt", "step"))
              if cfg.resume and os.path.exists(state_path) else None)
     if dist.is_main():
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -97,10 +96,10 @@ def train_sft(cfg, source, device):
         metrics.log(step=step, loss=dist.all_sum(loss.item()), lr=opt.param_groups[0]["lr"])
         if (step + 1) % cfg.ckpt_every == 0:
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                         "config": made_with(cfg, "sft")}, state_path)
+                         "config": made}, state_path)
     model.eval()
     path = os.path.join(cfg.out_dir, "sft.pt")
-    save_model(path, model, source=source.name, config=made_with(cfg, "sft"))
+    save_model(path, model, source=source.name, config=made)
     dist.barrier()  # the other ranks read sft.pt next
     if dist.is_main():
         summarize_sft(cfg, source, model, metrics, device)
