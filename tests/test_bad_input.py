@@ -271,8 +271,11 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(trained, tmp_path):
 def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(trained, out)
+    # a job started in the background by a shell (`pytest &`) inherits SIGINT ignored, and Python then
+    # installs no Ctrl-C handler: the child starts with the default, as in a terminal
     proc = subprocess.Popen([sys.executable, "train_ppo.py", *SMOKE, "--iters=500", f"--out_dir={out}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t = time.time()
     while not (out / "ppo.pt").exists() and proc.poll() is None and time.time() - t < 120:
         time.sleep(0.05)
