@@ -1,5 +1,5 @@
 """Benchmarks: generation, a PPO iteration, SFT/RM training throughput and MFU, peak memory
-(minirlhf/benchmark.py); side by side with TRL and HF generate (minirlhf/benchmark_peers.py).
+(minirlhf/bench/table.py); side by side with TRL and HF generate (minirlhf/bench/peers.py).
 
     python bench.py                      # CPU or GPU, whichever is there; ~2-3 min on 2 CPU cores
     python bench.py --sizes=default      # only the default-preset model
@@ -14,14 +14,15 @@ from dataclasses import fields
 
 import torch
 
-from minirlhf.benchmark import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
-                                peak_memory)
-from minirlhf.benchmark_peers import PROMPT_FIELDS, bench_generate_peer, bench_ppo_peer
-from minirlhf.checkpoint import load
-from minirlhf.config import BenchConfig, UsageError, parse_args
+from minirlhf.bench.config import BenchConfig
+from minirlhf.bench.peers import PROMPT_FIELDS, bench_generate_peer, bench_ppo_peer
+from minirlhf.bench.table import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
+                                  peak_memory)
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.runtime import main, print_table, setup
-from minirlhf.validate import validate
+from minirlhf.plumbing.checkpoint import load
+from minirlhf.plumbing.config import UsageError, parse_args
+from minirlhf.plumbing.runtime import main, print_table, setup
+from minirlhf.plumbing.validate import validate
 
 # what each mode reads besides --threads, --only and --json (and --preset, --out_dir: a bundle of
 # defaults, and a folder it writes nothing to); any other option set is refused, not ignored

@@ -1,4 +1,4 @@
-"""The reproduction report: every method x several seeds, in one command (minirlhf/cells.py).
+"""The reproduction report: every method x several seeds, in one command (minirlhf/study/cells.py).
 
     python experiments.py --seeds=5                  # the embedded `reviews` task, preset 'report'
     python experiments.py --seeds=5 --task=arith
@@ -14,11 +14,12 @@ Finished cells are kept in out_dir/results.json and never rerun, so a killed rep
 cells under other settings than out_dir/<task>/settings.json records are refused). Writes
 out_dir/<task>/report.md, curves.csv and, when matplotlib is installed (extra `plot`), curves.png.
 """
-from minirlhf import dist
-from minirlhf.config import ReportConfig, UsageError
-from minirlhf.cells import KNOWN_METHODS, run_report
-from minirlhf.runtime import main
-from minirlhf.validate import validate
+from minirlhf.plumbing import dist
+from minirlhf.plumbing.config import UsageError
+from minirlhf.plumbing.runtime import main
+from minirlhf.plumbing.validate import validate
+from minirlhf.study.cells import KNOWN_METHODS, run_report
+from minirlhf.study.config import ReportConfig
 
 
 def check(cfg):

@@ -1,13 +1,13 @@
-"""Stage 4: refine the RM on policy samples, then PPO again: RLP and MetaRM
-(minirlhf/refinement.py).
+"""Stage 4: refine the RM on policy samples, then PPO again: RLP (minirlhf/rlp.py) and MetaRM
+(minirlhf/metarm.py); the iterated mode and the ceilings (minirlhf/study/).
 
     python refine.py --method=uml           # RLP-UML: + lambda * multi-view information bottleneck
                                             # on policy samples
     python refine.py --method=spg           # RLP-SPG: + synthetic pairs from self-consistent policy
                                             # samples
     python refine.py --method=uml+spg       # both (defined in the paper, never run there)
-    python refine.py --method=oracle        # upper bound: the same policy pairs labelled by the
-                                            # gold labeller
+    python refine.py --method=oracle        # the same policy samples' first pairs labelled by
+                                            # the gold labeller (what a perfect SPG would give)
     python refine.py --method=control       # retrain on D only: separates refinement from
                                             # retraining noise
     python refine.py --method=metarm --rounds=3      # MetaRM rounds; --method=vanilla-rounds is
@@ -19,18 +19,19 @@
     python refine.py --method=gold-ppo      # a ceiling: PPO on the gold reward itself
     python refine.py --method=big-rm        # a ceiling: PPO on a proxy trained on 10x the pairs
 
-Reuses out_dir's SFT policy, proxy RM and vanilla PPO policy when present (trains them otherwise).
+Reuses out_dir's SFT policy and proxy RM when present (trains them otherwise); the one-shot RLP
+methods also reuse (or train) its vanilla PPO policy, ppo.pt.
 """
-from minirlhf import dist
-from minirlhf.ceilings import big_rm_ppo, gold_ppo
-from minirlhf.config import RefineConfig, UsageError
-from minirlhf.iterated import iterated_rounds
+from minirlhf.metarm import META_METHODS, eta_sweep, meta_rounds
 from minirlhf.pipeline import prepare_rl
-from minirlhf.refinement import (ITERATED_METHODS, META_METHODS, RLP_METHODS, eta_sweep,
-                                 meta_rounds, rlp_round)
+from minirlhf.plumbing import dist
+from minirlhf.plumbing.config import RefineConfig, UsageError
+from minirlhf.plumbing.runtime import main
+from minirlhf.plumbing.validate import validate
+from minirlhf.rlp import RLP_METHODS, rlp_round
 from minirlhf.rm import load_preferences
-from minirlhf.runtime import main
-from minirlhf.validate import validate
+from minirlhf.study.ceilings import big_rm_ppo, gold_ppo
+from minirlhf.study.iterated import ITERATED_METHODS, iterated_rounds
 
 METHODS = (*RLP_METHODS, *ITERATED_METHODS, *sorted(META_METHODS), "eta-sweep", "gold-ppo",
            "big-rm")

@@ -12,13 +12,13 @@ Reuses out_dir/sft.pt and rm.pt when present and made under the same settings
 (trains them otherwise).
 """
 
-from minirlhf import dist
-from minirlhf.config import PPOConfig, UsageError
 from minirlhf.evaluate import summarize
 from minirlhf.pipeline import prepare_rl
+from minirlhf.plumbing import dist
+from minirlhf.plumbing.config import PPOConfig, UsageError
+from minirlhf.plumbing.runtime import main, print_table, write_summary
+from minirlhf.plumbing.validate import validate
 from minirlhf.ppo_trainer import best_of_n_baseline, train_ppo
-from minirlhf.runtime import main, print_table, write_summary
-from minirlhf.validate import validate
 
 
 def run(cfg):

@@ -11,11 +11,11 @@ Initialises from out_dir/sft.pt (training SFT first if missing). Reports held-ou
 labels and on clean gold labels, normalises the RM on SFT samples and saves out_dir/rm.pt
 (ensemble members as rm_1.pt, ...).
 """
-from minirlhf.config import RMConfig
 from minirlhf.pipeline import prepare_judged
+from minirlhf.plumbing.config import RMConfig
+from minirlhf.plumbing.runtime import main
+from minirlhf.plumbing.validate import validate
 from minirlhf.rm import train_rm
-from minirlhf.runtime import main
-from minirlhf.validate import validate
 
 
 def run(cfg):

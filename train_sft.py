@@ -7,11 +7,11 @@
 
 Writes out_dir/sft.pt, tokenizer.json, metrics.jsonl and summary.json.
 """
-from minirlhf.config import SFTConfig
-from minirlhf.runtime import main, setup
+from minirlhf.data.sources import get_source
+from minirlhf.plumbing.config import SFTConfig
+from minirlhf.plumbing.runtime import main, setup
+from minirlhf.plumbing.validate import validate
 from minirlhf.sft import train_sft
-from minirlhf.sources import get_source
-from minirlhf.validate import validate
 
 
 def run(cfg):

@@ -6,21 +6,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import decode_responses
+from .data.batches import decode_responses
+from .data.tokenizer import EOS
 from .generate import generate, sequence_logprobs
-from .tokenizer import EOS
 
 
 @torch.no_grad()
-def rollout_texts(policy, ref, rm, codec, prompts, temperature, generator, batch=256):
+def rollout_texts(policy, ref, rm, batcher, prompts, temperature, generator, batch=256):
     """Sample one response per prompt; returns texts, proxy scores, KL to ref
     (sum of k1 over tokens; 0 with ref=None, for callers that read no KL) and lengths, as numpy
     arrays (texts a list)."""
-    tok = codec.tok
+    tok = batcher.tok
     texts, proxy, kl, length = [], [], [], []
     for i in range(0, len(prompts), batch):
-        p, pm = codec.prompts(prompts[i:i + batch])
-        r, logp, rmask = generate(policy, p, pm, codec.max_new_tokens, tok.eos_id, tok.pad_id,
+        p, pm = batcher.prompts(prompts[i:i + batch])
+        r, logp, rmask = generate(policy, p, pm, batcher.max_new_tokens, tok.eos_id, tok.pad_id,
                                   temperature=temperature, generator=generator)
         ref_logp = logp if ref is None else sequence_logprobs(ref, p, pm, r, rmask, temperature)
         texts += decode_responses(tok, r, rmask)
@@ -37,15 +37,17 @@ def win_tie_lose(gold, baseline_gold):
     return {"win": win, "tie": tie, "lose": 1 - win - tie, "win_rate": win + tie / 2}
 
 
-def evaluate(policy, ref, rm, task, codec, prompts, sft_gold, temperature, generator):
+def evaluate(policy, ref, rm, task, batcher, prompts, sft_gold, temperature, generator):
     """Two samples per held-out prompt, judged by the gold reward and by the proxy RM.
 
     sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Gold, proxy, KL, length and
     the win-rate use both samples (each compared with the baseline); the pair of them measures
     how well the proxy ranks the policy's own samples. Returns a flat dict of metrics; the RM is
     normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
-    a, proxy_a, kl_a, len_a = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
-    b, proxy_b, kl_b, len_b = rollout_texts(policy, ref, rm, codec, prompts, temperature, generator)
+    a, proxy_a, kl_a, len_a = rollout_texts(policy, ref, rm, batcher, prompts, temperature,
+                                            generator)
+    b, proxy_b, kl_b, len_b = rollout_texts(policy, ref, rm, batcher, prompts, temperature,
+                                            generator)
     gold_a, gold_b = np.array(task.golds(prompts, a)), np.array(task.golds(prompts, b))
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
     rm_acc = (float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any()
@@ -99,13 +101,13 @@ def _log_comb(n, k):
     return lg(np.asarray(n) + 1) - lg(np.asarray(k) + 1) - lg(np.asarray(n) - np.asarray(k) + 1)
 
 
-def best_of_n(sft, rm, task, codec, prompts, temperature, generator, n_max):
+def best_of_n(sft, rm, task, batcher, prompts, temperature, generator, n_max):
     """Gao et al.'s best-of-n curve against the proxy: gold of the highest-proxy of n SFT samples,
     for n = 1, 2, 4, ..., n_max, from n_max samples per prompt. Returns rows
     {n, kl, gold, proxy}."""
     proxy, gold = [], []
     for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
-        texts, s, _, _ = rollout_texts(sft, None, rm, codec, prompts, temperature, generator)
+        texts, s, _, _ = rollout_texts(sft, None, rm, batcher, prompts, temperature, generator)
         proxy.append(s)
         gold.append(task.golds(prompts, texts))
     proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)

@@ -121,6 +121,24 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
     return response, logprobs, response_mask(response, eos_id)
 
 
+@torch.no_grad()
+def sample_texts(model, batcher, prompts, temperature, generator=None):
+    """The model's response texts to prompt texts (a data.batches.Batcher encodes and decodes them):
+    pure sampling at `temperature`, EOS kept where the response finished."""
+    prompt, prompt_mask = batcher.prompts(prompts)
+    response, _, mask = generate(model, prompt, prompt_mask, batcher.max_new_tokens,
+                                 batcher.tok.eos_id, batcher.tok.pad_id, temperature=temperature,
+                                 generator=generator)
+    return batcher.decode(response, mask)
+
+
+def policy_samples(policy, batcher, prompts, n, temperature, generator):
+    """n samples per prompt, drawn in one batch: a list (per prompt) of n response texts."""
+    flat = sample_texts(policy, batcher, [p for p in prompts for _ in range(n)], temperature,
+                        generator)
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
 def response_mask(response, eos_id):
     """1 for every token up to and including the first EOS; a row without EOS is all real tokens.
     (A PAD the policy sampled mid-response counts as a real token: the mask is about

@@ -12,13 +12,13 @@ Parameter names and shapes follow Hugging Face's GPT-2
 import json
 import math
 import os
-from dataclasses import dataclass, asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import atomic_save, load, unreadable
+from .plumbing.checkpoint import atomic_save, load, unreadable
 
 
 @dataclass
@@ -82,7 +82,8 @@ class Attention(nn.Module):
         if cache is not None and T == 1 and x.device.type == "cpu":
             # a CPU decode step, one query per row, written out: PyTorch's CPU flash kernel loops
             # over the B * H tiny problems (sampling 6-8% faster at 4L x 128d, 4-6% at 6L x 384d;
-            # on CUDA, where the step is a graph, SDPA stays: written out, the eager step was slower)
+            # on CUDA, where the step is a graph, SDPA stays: written out, the eager step was
+            # slower)
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, 1, max_len)
             y = att.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (B, H, 1, hd)
         else:

@@ -1,9 +1,9 @@
 """The stages in order: what an RL-time script needs before its own stage runs."""
-from .file_task import attach_gold_rm, load_gold_rm
+from .data.file_task import attach_gold_rm, load_gold_rm
+from .data.sources import get_source
+from .plumbing.runtime import setup
 from .rm import ensure_rm
-from .runtime import setup
 from .sft import ensure_sft
-from .sources import get_source
 
 
 def prepare_judged(cfg):

@@ -8,31 +8,30 @@ One iteration, as the algorithm numbers it:
     5. GAE advantages and returns                             (rollout)
     6. whiten the advantages over valid tokens                (rollout)
     7. epochs of clipped policy and value updates             (ppo_update)
-Each `# §1.3` marks a detail ALGORITHMS.md lists as deciding correctness.
+Each `(§1.3)` marks a detail ALGORITHMS.md lists as deciding correctness. `train_ppo` runs these
+iterations, judging the policy on held-out prompts now and then (`GoldJudge`); MetaRM and the
+iterated refinements run PPO in rounds that share one budget (`ppo_round`, ALGORITHMS.md §2.3).
 """
 import copy
 import math
 import os
 import random
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import dist, ppo, seeds
-from .checkpoint import atomic_save, load
-from .config import made_with
-from .data import Codec
-from .evaluate import best_of_n, evaluate, rollout_texts
+from . import ppo
+from .data.batches import Batcher
+from .evaluate import best_of_n, evaluate, rollout_texts, summarize
 from .generate import generate, sequence_logprobs
-from .runtime import Metrics, adamw, autocast, check_finite, clip_and_check, print_table
-
-
-def iteration_rng(seed, it, device, salt=0):
-    """All randomness of iteration `it` derives from (seed, it): a resumed run replays exactly."""
-    s = seeds.iteration_seed(seed, it, salt)
-    return random.Random(s), torch.Generator(device).manual_seed(s)
+from .plumbing import dist, seeds
+from .plumbing.checkpoint import atomic_save, load
+from .plumbing.config import made_with
+from .plumbing.runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, print_table,
+                               write_summary)
 
 
 def critic_values(critic, prompt, prompt_mask, response, resp_mask):
@@ -50,36 +49,38 @@ def rollout(policy, ref, critic, rm, prompt, prompt_mask, eos_id, pad_id, cfg, g
     advantages and returns (all PPO's epochs need). With torchrun, each rank samples and scores its
     slice of the prompts; `dist.gather_rows` then gives every rank the whole batch, so GAE,
     whitening and the update read as single-process code."""
-    p, pm = dist.shard(prompt), dist.shard(prompt_mask)
-    first = dist.shard_bounds(prompt.shape[0])[0]
+    B = prompt.shape[0]
+    first = dist.shard_bounds(B)[0]
+    prompt, prompt_mask = dist.shard(prompt), dist.shard(prompt_mask)  # this rank's rows (B', P)
     # 1. sample: pure sampling at T (§1.3)
-    r, _, rmask = generate(policy, p, pm, cfg.max_new_tokens, eos_id, pad_id,
-                           temperature=cfg.temperature, generator=generator,
-                           rows=(first, prompt.shape[0]))
-    N = dist.all_max(r.shape[1])  # every rank pads its responses to the widest rank's
-    r, rmask = F.pad(r, (0, N - r.shape[1]), value=pad_id), F.pad(rmask, (0, N - rmask.shape[1]))
+    response, _, mask = generate(policy, prompt, prompt_mask, cfg.max_new_tokens, eos_id, pad_id,
+                                 temperature=cfg.temperature, generator=generator, rows=(first, B))
+    N = dist.all_max(response.shape[1])  # every rank pads its responses to the widest rank's
+    response = F.pad(response, (0, N - response.shape[1]), value=pad_id)  # (B', N)
+    mask = F.pad(mask, (0, N - mask.shape[1]))  # (B', N): 1 up to and including EOS
     # 2. old log-probs by the same forward the update uses, so the ratio is exactly 1 before
     # the first step (§1.3)
-    logp = sequence_logprobs(policy, p, pm, r, rmask, cfg.temperature)
+    logp = sequence_logprobs(policy, prompt, prompt_mask, response, mask, cfg.temperature)
     # the same temperature everywhere (§1.3)
-    ref_logp = sequence_logprobs(ref, p, pm, r, rmask, cfg.temperature)
-    values = critic_values(critic, p, pm, r, rmask)
+    ref_logp = sequence_logprobs(ref, prompt, prompt_mask, response, mask, cfg.temperature)
+    values = critic_values(critic, prompt, prompt_mask, response, mask)  # (B', N)
     # 3. score; a response cut off before EOS gets the no-EOS penalty instead (§1.3)
-    finished = (r == eos_id).any(-1)  # (B,)
-    score = ppo.sequence_reward(rm.score(p, pm, r, rmask).float(), finished,
-                                cfg.no_eos_penalty)  # (B,)
-    p, pm, r, rmask, logp, ref_logp, values, score, finished = dist.gather_rows(
-        p, pm, r, rmask, logp, ref_logp, values, score, finished)
-    rewards, kl = ppo.shaped_rewards(score, logp, ref_logp, rmask, kl_coef)  # 4.
-    advantages, returns = ppo.compute_gae(rewards, values, rmask, cfg.gamma, cfg.lam)  # 5.
+    finished = (response == eos_id).any(-1)  # (B',)
+    score = ppo.sequence_reward(rm.score(prompt, prompt_mask, response, mask).float(), finished,
+                                cfg.no_eos_penalty)  # (B',)
+    prompt, prompt_mask, response, mask, logp, ref_logp, values, score, finished = (
+        dist.gather_rows(prompt, prompt_mask, response, mask, logp, ref_logp, values, score,
+                         finished))  # every rank now holds the whole batch (B, ...)
+    rewards, kl = ppo.shaped_rewards(score, logp, ref_logp, mask, kl_coef)  # 4.
+    advantages, returns = ppo.compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)  # 5.
     # 6. over valid tokens, after the returns (§1.3)
-    advantages = ppo.masked_whiten(advantages, rmask)
-    batch = dict(p=p, pm=pm, r=r, rmask=rmask, logp=logp, values=values, advantages=advantages,
-                 returns=returns)
+    advantages = ppo.masked_whiten(advantages, mask)
+    batch = dict(prompt=prompt, prompt_mask=prompt_mask, response=response, response_mask=mask,
+                 logp=logp, values=values, advantages=advantages, returns=returns)
     stats = {"objective/kl": kl.sum(-1).mean().item(), "objective/scores": score.mean().item(),
              "objective/kl_coef": kl_coef, "env/eos_rate": finished.float().mean().item(),
-             "env/length": rmask.sum(-1).float().mean().item(),
-             "ppo/returns/mean": ppo.masked_mean(returns, rmask).item()}
+             "env/length": mask.sum(-1).float().mean().item(),
+             "ppo/returns/mean": ppo.masked_mean(returns, mask).item()}
     return batch, stats
 
 
@@ -88,21 +89,22 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
     each rank takes its slice of every minibatch; its token-mean losses are weighted by its share of
     the minibatch's tokens and gradients are summed, which is exactly the whole minibatch's token
     mean (`share` is 1 on one process)."""
-    B = batch["r"].shape[0]
+    B = batch["response"].shape[0]
     n_steps = cfg.ppo_epochs * math.ceil(B / cfg.minibatch)
     stats = {}
     for _ in range(cfg.ppo_epochs):
         for idx in torch.randperm(B, generator=generator,
                                   device=generator.device).split(cfg.minibatch):
-            share = batch["rmask"][dist.shard(idx)].sum() / batch["rmask"][idx].sum()
+            mask = batch["response_mask"]
+            share = mask[dist.shard(idx)].sum() / mask[idx].sum()
             mb = {k: v[dist.shard(idx)] for k, v in batch.items()}
-            logp, entropy = sequence_logprobs(policy, mb["p"], mb["pm"], mb["r"], mb["rmask"],
-                                              cfg.temperature, with_entropy=True)
-            pg_loss, pg_stats = ppo.policy_loss(logp, mb["logp"], mb["advantages"], mb["rmask"],
-                                                cfg.clip)
-            values = critic_values(critic, mb["p"], mb["pm"], mb["r"], mb["rmask"])
-            vf_loss, vf_stats = ppo.value_loss(values, mb["values"], mb["returns"], mb["rmask"],
-                                               cfg.vf_clip)
+            seqs = mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"]
+            logp, entropy = sequence_logprobs(policy, *seqs, cfg.temperature, with_entropy=True)
+            pg_loss, pg_stats = ppo.policy_loss(logp, mb["logp"], mb["advantages"],
+                                                mb["response_mask"], cfg.clip)
+            values = critic_values(critic, *seqs)
+            vf_loss, vf_stats = ppo.value_loss(values, mb["values"], mb["returns"],
+                                               mb["response_mask"], cfg.vf_clip)
             check_finite(pg_loss + vf_loss, "PPO")
             for model, opt, loss, what in ((policy, opt_pi, pg_loss, "PPO policy"),
                                            (critic, opt_v, cfg.vf_coef * vf_loss, "PPO critic")):
@@ -113,7 +115,8 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
                 opt.step()
             step_stats = {**pg_stats, **vf_stats, "ppo/loss/policy": pg_loss.item(),
                           "ppo/loss/value": vf_loss.item(),
-                          "objective/entropy": ppo.masked_mean(entropy, mb["rmask"]).item()}
+                          "objective/entropy": ppo.masked_mean(entropy,
+                                                               mb["response_mask"]).item()}
             # token-weighted like the losses, so that summed over ranks they are the minibatch's;
             # the variance-type statistics (explained variance, ratio variance) are per-rank
             # estimates combined the same way
@@ -122,59 +125,71 @@ def ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, generator):
     return {k: dist.all_sum(v) for k, v in stats.items()}
 
 
-def sft_baseline(ref, rm, task, codec, prompts, cfg):
-    """Gold of one SFT sample per eval prompt: the win-rate baseline (fixed seed, so a resumed
-    run gets the same)."""
-    gen = iteration_rng(cfg.seed, -1, codec.device, 1)[1]
-    texts = rollout_texts(ref, None, rm, codec, prompts, cfg.temperature, gen)[0]
-    return np.array(task.golds(prompts, texts))
+# ---- the PPO loop: iterations of the steps above, judged now and then
+@dataclass(frozen=True)
+class Segment:
+    """Where one `train_ppo` call sits in its PPO budget: the whole of it (the default), or one
+    round of a run of rounds (MetaRM, the iterated refinements), which goes on where the round
+    before it stopped."""
+    first_iter: int = 0
+    """Iterations of the budget before this segment: the segment's iteration `it` draws the prompts
+    and randomness of the budget's iteration first_iter + it, so no round replays another's."""
+    prompt_split: str = "unlabelled"
+    """The task split of the rollout prompts ('ood' for MetaRM's --ood)."""
+    eval_split: str = "eval"
+    """The task split of the evaluation prompts ('ood-eval' for MetaRM's --ood)."""
+
+    def evaluates(self, it, cfg):
+        """Is the policy judged before the segment's iteration `it`? Every --eval_every iterations
+        of the budget, and every one below --eval_dense; a later round's start is not (it is the
+        previous round's end, judged there)."""
+        g = self.first_iter + it
+        return (g % cfg.eval_every == 0 or g < cfg.eval_dense) and not (self.first_iter and it == 0)
 
 
-def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
-              prompt_split="unlabelled", eval_split="eval", first_iter=0):
-    """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, critic
-    initialised from the RM (an ensemble's first member). Evaluates with the gold judge every
-    cfg.eval_every iterations on `eval_split` prompts; checkpoints to out_dir/<name>.pt. A run that
-    continues another (a round of MetaRM or of an iterated method) passes `first_iter`: its
-    iteration `it` draws the prompts and randomness of iteration first_iter + it, so it never
-    replays the earlier run's batches. Returns (policy, history of evaluation dicts)."""
-    task, codec = source.task, Codec.of(cfg, source.tokenizer, device)
-    ref = sft.eval()
-    policy = copy.deepcopy(init_policy if init_policy is not None else sft)
-    critic = copy.deepcopy(rm.members[0])
-    for m in (policy, critic.gpt):
-        # dropout off in every RL-time model (§1.3), so train/eval mode makes no difference
-        m.set_dropout(0.0)
-    opt_pi = adamw(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
-    opt_v = adamw(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
-    kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
-    eval_prompts = task.sample_prompts(cfg.eval_prompts, random.Random(cfg.seed + seeds.PPO_EVAL),
-                                       eval_split)
-    sft_gold = sft_baseline(ref, rm, task, codec, eval_prompts, cfg) if dist.is_main() else None
-    ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
-    start, history = 0, []
-    if cfg.resume and os.path.exists(ckpt_path):
-        ck = load(ckpt_path, expect=None if cfg.reuse else made_with(cfg, "ppo"),
-                  fields=("policy", "critic", "opt_pi", "opt_v", "kl_coef", "iter", "history"))
-        policy.load_state_dict(ck["policy"])
-        critic.load_state_dict(ck["critic"])
-        opt_pi.load_state_dict(ck["opt_pi"])
-        opt_v.load_state_dict(ck["opt_v"])
-        kl_ctl.value, start, history = ck["kl_coef"], ck["iter"], ck["history"]
-        print(f"resumed {ckpt_path} at iteration {start}")
-    # rows after the checkpoint: replayed
-    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")
+def iteration_rng(seed, it, device, salt=0):
+    """All randomness of iteration `it` derives from (seed, it): a resumed run replays exactly."""
+    s = seeds.iteration_seed(seed, it, salt)
+    return random.Random(s), torch.Generator(device).manual_seed(s)
 
-    def do_eval(it):
+
+class GoldJudge:
+    """The gold judge's view of one PPO run (ALGORITHMS.md §4.2): two samples of the policy on each
+    held-out prompt, scored by the gold reward and the proxy, against one SFT sample per prompt
+    (the win-rate's baseline). `history` holds every evaluation, each with its per-prompt gold,
+    which the report compares prompt by prompt."""
+
+    def __init__(self, cfg, task, batcher, ref, rm, segment, device):
+        self.cfg, self.task, self.batcher, self.ref, self.rm = cfg, task, batcher, ref, rm
+        self.segment, self.device, self.history = segment, device, []
+        self.prompts = task.sample_prompts(cfg.eval_prompts,
+                                           random.Random(cfg.seed + seeds.PPO_EVAL),
+                                           segment.eval_split)
+        # the baseline's stream is fixed, so a resumed run gets the same
+        gen = iteration_rng(cfg.seed, seeds.BASELINE_ITER, device, seeds.WIN_RATE_BASELINE)[1]
+        self.sft_gold = (np.array(task.golds(self.prompts, rollout_texts(
+            ref, None, rm, batcher, self.prompts, cfg.temperature, gen)[0]))
+            if dist.is_main() else None)
+
+    def judged(self, it):
+        return bool(self.history) and self.history[-1]["iter"] == it
+
+    def due(self, it):
+        """Judge the policy before the segment's iteration `it`?"""
+        return self.segment.evaluates(it, self.cfg) and not self.judged(it)
+
+    def __call__(self, policy, it, metrics):
+        """Judge the policy at the segment's iteration `it`; log it and show a few samples."""
         if not dist.is_main():  # with torchrun rank 0 judges; the policy is the same on every rank
             return
-        with autocast(cfg, device):
-            ev = evaluate(policy, ref, rm, task, codec, eval_prompts, sft_gold, cfg.temperature,
-                          iteration_rng(cfg.seed, first_iter + it, device, 2)[1])
+        cfg = self.cfg
+        with autocast(cfg, self.device):
+            ev = evaluate(policy, self.ref, self.rm, self.task, self.batcher, self.prompts,
+                          self.sft_gold, cfg.temperature,
+                          iteration_rng(cfg.seed, self.segment.first_iter + it, self.device,
+                                        seeds.EVALUATION)[1])
         samples = ev.pop("samples")
-        # with per-prompt gold: the report compares policies prompt by prompt
-        history.append({"iter": it, **ev})
+        self.history.append({"iter": it, **ev})
         metrics.log(iter=it, **{k: v for k, v in ev.items() if k != "gold_per_prompt"})
         if it % cfg.sample_every == 0 or it == cfg.iters:
             print(f"\n--- iteration {it}: gold {ev['eval/gold']:.3f}  "
@@ -184,27 +199,51 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
                          for p, y, s, g in samples[:4]],
                         ["prompt", "response", "proxy", "gold"])
 
-    def evaluated(it):
-        return history and history[-1]["iter"] == it
 
+def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segment=Segment()):
+    """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, for
+    cfg.iters iterations of `segment`; judged by the gold reward every cfg.eval_every iterations;
+    checkpoints to out_dir/<name>.pt. Returns (policy, history of evaluation dicts)."""
+    task, batcher = source.task, Batcher.of(cfg, source.tokenizer, device)
+    ref = sft.eval()
+    policy = copy.deepcopy(init_policy if init_policy is not None else sft)
+    critic = copy.deepcopy(rm.members[0])  # the critic starts from the RM (an ensemble's first)
+    for m in (policy, critic.gpt):
+        # dropout off in every RL-time model (§1.3), so train/eval mode makes no difference
+        m.set_dropout(0.0)
+    opt_pi = adamw(policy.parameters(), lr=cfg.ppo_lr, eps=1e-5, weight_decay=0.0)
+    opt_v = adamw(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
+    kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
+    judge = GoldJudge(cfg, task, batcher, ref, rm, segment, device)
+    ckpt_path, start = os.path.join(cfg.out_dir, f"{name}.pt"), 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        ck = load(ckpt_path, expect=None if cfg.reuse else made_with(cfg, "ppo"),
+                  fields=("policy", "critic", "opt_pi", "opt_v", "kl_coef", "iter", "history"))
+        policy.load_state_dict(ck["policy"])
+        critic.load_state_dict(ck["critic"])
+        opt_pi.load_state_dict(ck["opt_pi"])
+        opt_v.load_state_dict(ck["opt_v"])
+        kl_ctl.value, start, judge.history = ck["kl_coef"], ck["iter"], ck["history"]
+        print(f"resumed {ckpt_path} at iteration {start}")
+    # rows after the checkpoint: replayed
+    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")
     bar = tqdm(range(start, cfg.iters), desc=name, mininterval=1.0, initial=start, total=cfg.iters,
                disable=not dist.is_main())
     for it in bar:
-        # the schedule counts from SFT; a continued run's start was the end of the run before it
-        g = first_iter + it
-        if ((g % cfg.eval_every == 0 or g < cfg.eval_dense) and not evaluated(it)
-                and not (first_iter and it == 0)):
-            do_eval(it)
-        rng, gen = iteration_rng(cfg.seed, first_iter + it, device)
-        prompts = task.sample_prompts(cfg.rollout_batch, rng, prompt_split)
-        prompt, prompt_mask = codec.prompts(prompts)
+        if judge.due(it):
+            judge(policy, it, metrics)
+        rng, gen = iteration_rng(cfg.seed, segment.first_iter + it, device, seeds.ROLLOUT)
+        prompts = task.sample_prompts(cfg.rollout_batch, rng, segment.prompt_split)
+        prompt, prompt_mask = batcher.prompts(prompts)
         with autocast(cfg, device):
-            batch, stats = rollout(policy, ref, critic, rm, prompt, prompt_mask, codec.tok.eos_id,
-                                   codec.tok.pad_id, cfg, gen, kl_ctl.value)
+            batch, stats = rollout(policy, ref, critic, rm, prompt, prompt_mask,  # steps 1-6
+                                   batcher.tok.eos_id, batcher.tok.pad_id, cfg, gen, kl_ctl.value)
             # the minibatch order has its own generator: how many steps a rank sampled
             # must not change it
-            order = iteration_rng(cfg.seed, first_iter + it, device, 3)[1]
-            stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, order))
+            order = iteration_rng(cfg.seed, segment.first_iter + it, device,
+                                  seeds.MINIBATCH_ORDER)[1]
+            stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, order))  # step 7
         kl_ctl.update(stats["objective/kl"], cfg.rollout_batch)
         metrics.log(iter=it, **stats)
         bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}")
@@ -212,10 +251,52 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None,
             atomic_save({"policy": policy.state_dict(), "critic": critic.state_dict(),
                          "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
                          "kl_coef": kl_ctl.value, "iter": it + 1,
-                         "history": history, "config": made_with(cfg, "ppo")}, ckpt_path)
-    if not evaluated(cfg.iters):
-        do_eval(cfg.iters)
-    return policy, history
+                         "history": judge.history, "config": made_with(cfg, "ppo")}, ckpt_path)
+    if not judge.judged(cfg.iters):
+        judge(policy, cfg.iters, metrics)
+    return policy, judge.history
+
+
+# ---- runs of rounds (MetaRM, the iterated refinements) and best-of-n
+def ensure_ppo(cfg, source, sft, rm, device):
+    """The vanilla PPO policy of out_dir (ppo.pt): trained first (and its summary recorded) when
+    missing or shorter than cfg.iters."""
+    path = os.path.join(cfg.out_dir, "ppo.pt")
+    ck = (load(path, expect=None if cfg.reuse else made_with(cfg, "ppo"), fields=("policy", "iter"))
+          if os.path.exists(path) else None)
+    if ck is None or ck["iter"] < cfg.iters:
+        policy, history = train_ppo(cfg, source, sft, rm, device)
+        write_summary(cfg, "ppo", summarize(history))
+        return policy
+    policy = copy.deepcopy(sft)
+    policy.load_state_dict(ck["policy"])
+    return policy.eval()
+
+
+def round_weights(rounds):
+    """Each round's share of the PPO budget: 1, 1, 2, 2, 2, ... parts. The first refinements come
+    early, at low KL, where an on-policy method can first help; later rounds stay short, because a
+    long round lets the policy drift far from the samples its RM was refined on."""
+    return [1] * min(rounds, 2) + [2] * (rounds - 2)
+
+
+def round_lengths(iters, rounds):
+    """PPO iterations of each round, summing to `iters` (round_weights, rounded cumulatively)."""
+    weights = round_weights(rounds)
+    ends = [round(iters * sum(weights[:r + 1]) / sum(weights)) for r in range(rounds)]
+    return [b - a for a, b in zip([0] + ends, ends)]
+
+
+def ppo_round(cfg, r, name, source, sft, rm, policy, device, splits=("unlabelled", "eval")):
+    """Round r of a run of rounds: PPO continued from `policy` against `rm` for the round's length.
+    The rounds share vanilla PPO's budget (cfg.iters in all), so the last round is compared at
+    equal PPO compute; round r goes on with the iteration count (and prompt batches) where round
+    r - 1 stopped, as one vanilla PPO run would. `splits`: the rollout and evaluation prompts'.
+    Returns (policy, history)."""
+    lengths = round_lengths(cfg.iters, cfg.rounds)
+    return train_ppo(replace(cfg, iters=lengths[r - 1]), source, sft, rm, device,
+                     name=f"{name}_r{r}", init_policy=policy,
+                     segment=Segment(sum(lengths[:r - 1]), *splits))
 
 
 def best_of_n_baseline(cfg, source, sft, rm, device):
@@ -223,6 +304,6 @@ def best_of_n_baseline(cfg, source, sft, rm, device):
     its KL by selection."""
     prompts = source.task.sample_prompts(max(8, cfg.eval_prompts // 4),
                                          random.Random(cfg.seed + seeds.BEST_OF_N), "eval")
-    codec = Codec.of(cfg, source.tokenizer, device)
-    return best_of_n(sft, rm, source.task, codec, prompts, cfg.temperature,
-                     iteration_rng(cfg.seed, -2, device)[1], cfg.bon_max)
+    batcher = Batcher.of(cfg, source.tokenizer, device)
+    return best_of_n(sft, rm, source.task, batcher, prompts, cfg.temperature,
+                     iteration_rng(cfg.seed, seeds.BEST_OF_N_ITER, device)[1], cfg.bon_max)

@@ -1,5 +1,5 @@
-"""Reward modelling: the Bradley-Terry loss, scoring at the last real token,
-normalisation, and ensembles."""
+"""Reward modelling: the Bradley-Terry loss, pairwise accuracy, normalisation, and ensembles (an RM
+scores a sequence at its last real token: model.ScalarModel)."""
 import copy
 
 import torch

@@ -1,19 +1,40 @@
 """RLP: Reward Learning on Policy (Lang, Huang, Li, NAACL 2024). ALGORITHMS.md §2.
 
-RLP-UML: a multi-view information bottleneck on policy samples shapes the RM's backbone
-(`MIBHead`, `mib_loss`).
-RLP-SPG: synthetic preference pairs from self-consistency of policy samples
-(`synthetic_preferences`).
+The policy drifts away from the samples its RM was trained on; RLP retrains the RM on samples of the
+policy itself, then runs PPO again. One round (RLP Algorithm 1, `rlp_round`):
+    1. the policy to learn from: vanilla PPO's                       (train_ppo.py's, or trained)
+    2. sample it: n responses per unlabelled prompt (P)              (policy_samples)
+    3. what the method adds to D from P                              (added_pairs)
+         RLP-SPG: synthetic pairs from self-consistent samples       (synthetic_preferences)
+    4. retrain the RM from SFT on D + those pairs, normalised        (retrain_rm)
+         RLP-UML: + lambda * L_M, a multi-view information
+         bottleneck on view pairs of P                               (uml_rm, mib_loss)
+    5. PPO again from SFT against the refined RM                     (train_ppo)
+The oracle (gold-labelled pairs of P) and the control (D alone) run the same round. The iterated
+mode, which repeats steps 2-5 every round on the current policy, is study code
+(minirlhf/study/iterated.py).
 """
+import itertools
+import random
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .reward import bt_loss, pairwise_accuracy
-from .rm import pair_rewards
-from .runtime import clip_and_check
+from .data.batches import Batcher
+from .evaluate import summarize
+from .generate import policy_samples
+from .plumbing import seeds
+from .plumbing.runtime import autocast, clip_and_check, print_table, read_summary, write_summary
+from .ppo_trainer import ensure_ppo, train_ppo
+from .reward import bt_loss
+from .rm import (RMLoop, clean_labelled, fit_rm, gold_labelled, held_out_policy_pairs, new_rm,
+                 normalize_on, pair_rewards, per_prompt_outputs, ready_to_score, rm_accuracy,
+                 rm_scores)
 
 
+# ---- RLP-UML's loss: a multi-view information bottleneck (ALGORITHMS.md §2.1)
 def symmetric_kl(mu1, sigma1, mu2, sigma2):
     """SKL = 1/2 [KL(p1 || p2) + KL(p2 || p1)] for diagonal Gaussians, closed form, per row.
     Inputs (B, Z) -> (B,)
@@ -67,10 +88,11 @@ def mib_loss(head, h1, h2, beta=1.0):
     return -mi + beta * skl, {"mi": mi.item(), "skl": skl.item()}
 
 
-def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, golds=None,
+# ---- RLP-SPG: synthetic preferences from self-consistency (ALGORITHMS.md §2.2)
+def synthetic_preferences(prompts, samples, keys, scores, gamma, rng, golds=None,
                           rank_by="cluster"):
     """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n texts), their semantic keys[i]
-    and current-RM scores rm_scores[i]:
+    and current-RM scores scores[i]:
       1. group samples with equal keys; confidence = |largest group| / n
          (ties: the group met first);
       2. keep the prompt iff confidence >= gamma and some sample lies outside the largest group;
@@ -80,7 +102,7 @@ def synthetic_preferences(prompts, samples, keys, rm_scores, gamma, rng, golds=N
     sample. golds(prompts, responses), when given, measures how often the synthetic label agrees
     with the gold judge. Returns ([(prompt, chosen, rejected)], stats)."""
     pairs = []
-    for prompt, ys, ks, rs in zip(prompts, samples, keys, rm_scores):
+    for prompt, ys, ks, rs in zip(prompts, samples, keys, scores):
         if rank_by == "rm":
             best, worst = (max(range(len(ys)), key=rs.__getitem__),
                            min(range(len(ys)), key=rs.__getitem__))
@@ -120,27 +142,168 @@ def cluster_by_similarity(hidden, threshold=0.9):
     return ids
 
 
-def uml_step(codec, prompts, samples, head, rng, uml_lambda, mib_beta, grad_clip):
-    """RLP-UML's RM step (RLP Eq. 1): the BT loss on a batch of D plus uml_lambda * L_M on as many
-    view pairs from P (two different samples of one prompt are its two views). `head` is the MIBHead
-    trained beside the RM."""
+@torch.no_grad()
+def semantic_keys(task, rm, batcher, prompts, samples):
+    """What each sample means, for RLP-SPG's clusters: the task's semantic key, or on free text
+    (a file: no key) a cluster id from the RM's final hidden states (rlp.cluster_by_similarity)."""
+    if task.semantic_key is not None:
+        return [[task.semantic_key(p, y) for y in ys] for p, ys in zip(prompts, samples)]
+    return [cluster_by_similarity(h)  # h (n, C)
+            for h in per_prompt_outputs(rm.members[0], batcher, prompts, samples, hidden=True)]
+
+
+# ---- the methods of a round, and what each adds to D
+@dataclass(frozen=True)
+class RLPMethod:
+    """What an RM refinement adds to the RM's retraining on D (nothing at all: the control)."""
+    uml: bool = False
+    """+ lambda * L_M, the multi-view information bottleneck on view pairs of P (RLP-UML)."""
+    spg: bool = False
+    """+ synthetic pairs from self-consistent policy samples (RLP-SPG)."""
+    oracle: str = ""
+    """+ gold-labelled policy pairs: 'first' (each prompt's first two samples, the noisy labeller:
+    what a perfect SPG would give) or 'all' (every distinct pair of a prompt's samples, labelled
+    by the sign of the gold difference, ties dropped: the bound of any refinement on policy
+    samples)."""
+
+
+RLP_METHODS = {"uml": RLPMethod(uml=True), "spg": RLPMethod(spg=True),
+               "uml+spg": RLPMethod(uml=True, spg=True), "oracle": RLPMethod(oracle="first"),
+               "control": RLPMethod()}
+
+
+def all_clean_pairs(task, prompts, samples, rng):
+    """Every distinct pair of each prompt's samples, labelled by the sign of the gold difference
+    (ties dropped), dealt round-robin over the prompts in a random order within each prompt, so
+    that a cut (--oracle_pairs) still covers every prompt instead of the first few."""
+    per_prompt = []
+    for p, ys in zip(prompts, samples):
+        pairs = [(p, a, b) for a, b in itertools.combinations(sorted(set(ys)), 2)]
+        per_prompt.append(rng.sample(pairs, len(pairs)))
+    dealt = [pair for layer in itertools.zip_longest(*per_prompt) for pair in layer if pair]
+    return clean_labelled(task, dealt)
+
+
+def added_pairs(cfg, method, task, batcher, rm, prompts, samples, rng):
+    """Step 3 of a round: the pairs `method` adds to D from the policy samples (`samples[i]`, n
+    texts of prompts[i]), and its statistics. SPG ranks by `rm`, the RM in use so far."""
+    if method.spg:
+        keys = semantic_keys(task, rm, batcher, prompts, samples)
+        scores = rm_scores(rm, batcher, prompts, samples)
+        return synthetic_preferences(prompts, samples, keys, scores, cfg.spg_gamma, rng,
+                                     golds=task.golds, rank_by=cfg.spg_rank)
+    if method.oracle == "first":
+        firsts = [(p, ys[0], ys[1]) for p, ys in zip(prompts, samples) if ys[0] != ys[1]]
+        pairs = gold_labelled(task, firsts, rng, cfg.label_tau, cfg.label_flip)
+    elif method.oracle == "all":
+        pairs = all_clean_pairs(task, prompts, samples, rng)[:cfg.oracle_pairs]
+    else:
+        return [], {}
+    return pairs, {"oracle/pairs": len(pairs)}
+
+
+# ---- retraining the RM: BT on D and the added pairs, + L_M for RLP-UML
+def retrain_rm(cfg, method, sft, batcher, prefs, added, prompts, samples, rng, seed, init=None,
+               desc="rm"):
+    """Step 4 of a round: an RM retrained from the SFT weights on D + `added` (with RLP-UML's L_M
+    on the policy samples when `method.uml`), normalised on SFT samples like the proxy; with
+    `init` (an earlier round's RM), that RM continued for one epoch instead."""
+    # the same number of RM steps for every method, the control included: an epoch is |D| plus
+    # the most pairs a method may add (--oracle_pairs), so that an RM sees what it was given
+    # (with fewer steps, 2,000 added pairs were each seen less than once and barely learnt)
+    steps = max(1, (len(prefs["train"]) + cfg.oracle_pairs) // cfg.rm_batch)
+    epochs = 1 if init is not None else None
+    pairs = list(prefs["train"]) + list(added)  # D union the added pairs, no reweighting
+    if method.uml:
+        rm = uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs=epochs,
+                    steps_per_epoch=steps, init=init, desc=desc)
+    else:
+        rm = fit_rm(sft, pairs, cfg, batcher, seed, epochs=epochs, steps_per_epoch=steps,
+                    init=init, desc=desc)
+    normalize_on(rm, batcher, prefs["norm_prompts"], prefs["sft_samples"])
+    return rm
+
+
+def uml_views(prompts, samples):
+    """RLP-UML's views: the prompts with two distinct policy samples, (prompt, their samples)."""
     views = [(p, ys) for p, ys in zip(prompts, samples) if len(set(ys)) >= 2]
     if len(views) < 2:  # the JS estimator's negatives are other prompts' views
         raise ValueError(f"RLP-UML: {len(views)} of {len(prompts)} prompts have two distinct "
                          "policy samples; L_M needs at least 2 (more --n_samples?)")
+    return views
 
-    def step(rm, opt, batch):
-        rc, rr = pair_rewards(rm, codec, *zip(*batch))
-        loss_r = bt_loss(rc, rr)
-        chosen = rng.sample(views, min(len(views), len(batch)))
-        v1, v2 = zip(*(rng.sample(sorted(set(ys)), 2) for _, ys in chosen))
-        _, h = rm.score(*codec.batch([p for p, _ in chosen] * 2, list(v1) + list(v2)),
-                        return_hidden=True)
-        loss_m, stats = mib_loss(head, *h.chunk(2), beta=mib_beta)
-        loss = loss_r + uml_lambda * loss_m
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_and_check(list(rm.parameters()) + list(head.parameters()), grad_clip, "RM (UML)")
-        opt.step()
-        return {"loss": loss.item(), "bt": loss_r.item(), "acc": pairwise_accuracy(rc, rr), **stats}
-    return step
+
+def uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs, steps_per_epoch,
+           init=None, desc="rm"):
+    """RLP-UML's RM (RLP Eq. 1): each step, the BT loss on a batch of `pairs` plus uml_lambda * L_M
+    on as many view pairs of the policy samples. The bottleneck head (MIBHead) trains beside the RM
+    and is thrown away: the reward head never reads z."""
+    views = uml_views(prompts, samples)
+    torch.manual_seed(seed)  # the head's init derives from the seed alone, like the RM's
+    head = MIBHead(sft.cfg.n_embd, cfg.z_dim)
+    rm = new_rm(sft, cfg, batcher.device, seed, init)
+    params = list(rm.parameters()) + list(head.to(batcher.device).train().parameters())
+    loop = RMLoop(params, pairs, cfg, seed, epochs, steps_per_epoch, desc)
+    for batch in loop:
+        with autocast(cfg, batcher.device):
+            # the BT loss on the batch of labelled pairs
+            rc, rr = pair_rewards(rm, batcher, *zip(*batch))
+            loss_r = bt_loss(rc, rr)
+            # as many prompts' two views: two different samples of one prompt
+            chosen = rng.sample(views, min(len(views), len(batch)))
+            v1, v2 = zip(*(rng.sample(sorted(set(ys)), 2) for _, ys in chosen))
+            _, h = rm.score(*batcher.batch([p for p, _ in chosen] * 2, list(v1) + list(v2)),
+                            return_hidden=True)  # (2B, C): the RM's features of both views
+            loss_m, _ = mib_loss(head, *h.chunk(2), beta=cfg.mib_beta)
+            loss = loss_r + cfg.uml_lambda * loss_m
+            loop.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_and_check(params, cfg.grad_clip, "RM (UML)")
+            loop.opt.step()
+        loop.log({"loss": loss.item()})
+    return ready_to_score(rm)
+
+
+# ---- one round of RLP (Algorithm 1)
+def rlp_round(cfg, name, source, sft, rm, prefs, device):
+    """One RLP round (RLP Alg. 1) for the method RLP_METHODS[name], from the proxy `rm` and its
+    pairs D (`prefs`); returns and records its summary."""
+    method, task = RLP_METHODS[name], source.task
+    batcher = Batcher.of(cfg, source.tokenizer, device)
+    # 1. the policy to learn from: vanilla PPO's
+    policy = ensure_ppo(cfg, source, sft, rm, device)
+    # 2. P: --n_samples per unlabelled prompt (the paper's 10) at T = 1
+    seed = seeds.stream(cfg.seed, seeds.RLP_SAMPLES)
+    rng = random.Random(seed)
+    prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
+    samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0,
+                             torch.Generator(device).manual_seed(seed))
+    # (how well an RM ranks the policy's samples where nothing trained, before and after)
+    pol_pairs = held_out_policy_pairs(policy, batcher, task, cfg.refine_prompts, 1.0,
+                                      seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS))
+    before = {"rm_acc_policy_pairs": rm_accuracy(rm, batcher, pol_pairs),
+              "held_out_acc_gold": rm_accuracy(rm, batcher, prefs["held_clean"])}
+    # 3. what the method adds to D
+    added, stats = added_pairs(cfg, method, task, batcher, rm, prompts, samples, rng)
+    # 4. the RM retrained from SFT on D + added (+ L_M on P), normalised
+    refined = retrain_rm(cfg, method, sft, batcher, prefs, added, prompts, samples, rng,
+                         seeds.stream(cfg.seed, seeds.RLP_RM), desc=name)
+    after = {"rm_acc_policy_pairs": rm_accuracy(refined, batcher, pol_pairs),
+             "held_out_acc_gold": rm_accuracy(refined, batcher, prefs["held_clean"])}
+    print(f"{name}: RM accuracy on gold-labelled policy pairs "
+          f"{before['rm_acc_policy_pairs']:.3f} -> {after['rm_acc_policy_pairs']:.3f}; "
+          f"on held-out SFT pairs {before['held_out_acc_gold']:.3f} -> "
+          f"{after['held_out_acc_gold']:.3f}; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+    # 5. PPO again from SFT, against the refined RM
+    _, history = train_ppo(cfg, source, sft, refined, device, name=f"ppo_{name}")
+    result = {"rm_before": before, "rm_after": after, **stats, **summarize(history)}
+    write_summary(cfg, f"refine_{name}", result)
+    vanilla = read_summary(cfg)["ppo"]
+    print(f"\n=== vanilla PPO vs PPO with the {name}-refined RM (gold judge, held-out prompts) ===")
+    print_table([dict(policy=f"{who} {when}", iter=h["iter"], gold=h["eval/gold"], kl=h["eval/kl"],
+                      win_rate=h["eval/win_rate"], rm_acc=h["eval/rm_acc_policy_pairs"])
+                 for who, res in (("vanilla", vanilla), (name, result))
+                 for when, h in (("final", res["final"]), ("peak", res["peak_gold"]))],
+                ["policy", "iter", "gold", "kl", "win_rate", "rm_acc"])
+    return result

@@ -10,14 +10,14 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from . import dist, seeds
-from .checkpoint import atomic_save, load
-from .config import UsageError, made_with
-from .data import Codec, decode_responses
-from .generate import generate, sequence_logprobs
+from .data.batches import Batcher
+from .generate import sample_texts, sequence_logprobs
 from .model import GPT, GPTConfig, load_model, save_model
-from .runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
-                      print_table, write_summary)
+from .plumbing import dist, seeds
+from .plumbing.checkpoint import atomic_save, load
+from .plumbing.config import UsageError, made_with
+from .plumbing.runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
+                               print_table, write_summary)
 
 
 def build_policy(cfg, source):
@@ -35,29 +35,20 @@ def build_policy(cfg, source):
                          n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout))
 
 
-def sft_loss(model, codec, prompts, responses):
+def sft_loss(model, batcher, prompts, responses):
     """(summed negative log-likelihood, number) of the response tokens (EOS included); prompt
     tokens masked. The caller divides by the token count of the *global* batch (equal to this one
     on a single process)."""
-    p, pm, r, r_mask = codec.batch(prompts, responses)
+    p, pm, r, r_mask = batcher.batch(prompts, responses)
     logp = sequence_logprobs(model, p, pm, r, r_mask)  # (B, N), 0 on padding
     return -logp.sum(), r_mask.sum().item()
-
-
-@torch.no_grad()
-def sample(model, codec, prompts, temperature, generator=None):
-    """Response texts of the model to `prompts`, pure sampling at `temperature`."""
-    p, pm = codec.prompts(prompts)
-    r, _, r_mask = generate(model, p, pm, codec.max_new_tokens, codec.tok.eos_id, codec.tok.pad_id,
-                            temperature=temperature, generator=generator)
-    return decode_responses(codec.tok, r, r_mask)
 
 
 def train_sft(cfg, source, device):
     """SFT from scratch (or from out_dir/sft_state.pt with --resume); saves and
     returns the policy."""
     tok = source.tokenizer
-    codec = Codec.of(cfg, tok, device)
+    batcher = Batcher.of(cfg, tok, device)
     made, state_path = made_with(cfg, "sft"), os.path.join(cfg.out_dir, "sft_state.pt")
     state = (load(state_path, expect=None if cfg.reuse else made, fields=("model", "opt", "step"))
              if cfg.resume and os.path.exists(state_path) else None)
@@ -85,7 +76,7 @@ def train_sft(cfg, source, device):
         demos = source.demonstrations(cfg.sft_batch, random.Random(seeds.step_seed(cfg.seed, step)))
         prompts, responses = zip(*dist.shard(demos))
         with autocast(cfg, device):
-            nll, n_tokens = sft_loss(model, codec, prompts, responses)
+            nll, n_tokens = sft_loss(model, batcher, prompts, responses)
             loss = nll / dist.all_sum(n_tokens)
         check_finite(loss, "SFT", step)
         opt.zero_grad(set_to_none=True)
@@ -117,8 +108,8 @@ def summarize_sft(cfg, source, model, metrics, device):
         prompts = source.task.sample_prompts(cfg.eval_prompts, eval_rng, "eval")
         demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id])
                  for p in prompts]
-        codec = Codec.of(cfg, tok, device)
-        samples = sample(model, codec, prompts, cfg.temperature,
+        batcher = Batcher.of(cfg, tok, device)
+        samples = sample_texts(model, batcher, prompts, cfg.temperature,
                          torch.Generator(device).manual_seed(cfg.seed))
         gold = source.task.golds(prompts, samples)
         summary.update(sft_gold=statistics.mean(gold),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minirlhf.benchmark import hf_model
+from minirlhf.bench.table import hf_model
 from minirlhf.generate import generate, generate_no_cache, left_pad, sequence_logprobs
 from minirlhf.model import GPT, GPTConfig
 
@@ -110,10 +110,11 @@ def test_logprobs_in_row_chunks_equal_one_chunk(monkeypatch):
 def test_one_ppo_update_with_fused_adamw_equals_the_per_tensor_loop():
     import copy
     from dataclasses import replace
-    from minirlhf.config import PPOConfig
+
     from minirlhf.model import ScalarModel
+    from minirlhf.plumbing.config import PPOConfig
+    from minirlhf.plumbing.runtime import adamw
     from minirlhf.ppo_trainer import ppo_update, rollout
-    from minirlhf.runtime import adamw
     model, prompt, pm = model_and_prompts()
     cfg = replace(PPOConfig(), rollout_batch=3, minibatch=2, ppo_epochs=2, max_new_tokens=6)
     critic, rm = ScalarModel(copy.deepcopy(model)), ScalarModel(copy.deepcopy(model)).eval()

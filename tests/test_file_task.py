@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from minirlhf.data import DataError
-from minirlhf.file_task import FileTask, prompt_splits
+from minirlhf.data.file_task import FileTask, prompt_splits
+from minirlhf.data.hh import DataError
+from minirlhf.data.tokenizer import train_bpe
 from minirlhf.generate import generate
 from minirlhf.model import GPT, GPTConfig
-from minirlhf.tokenizer import train_bpe
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "helpful-base", "test.jsonl.gz")
@@ -108,8 +108,8 @@ def test_a_gold_rm_of_another_vocabulary_is_refused_before_sft(folder, tmp_path)
 def test_a_tokenizer_is_reused_only_beside_the_policy_trained_with_it(folder, tmp_path):
     """A failed run's tokenizer.json (say, the wrong --tokenizer for --init_from) must not
     outlive the options that made it; once SFT has trained, its tokenizer is the one to use."""
-    from minirlhf.config import SFTConfig, parse_args
-    from minirlhf.sources import FileSource
+    from minirlhf.data.sources import FileSource
+    from minirlhf.plumbing.config import SFTConfig, parse_args
     out = tmp_path / "out"
     out.mkdir()
     train_bpe(["a b c"] * 10, vocab_size=260).save(str(out / "tokenizer.json"))  # left behind
@@ -136,7 +136,7 @@ def test_a_corrupt_gpt2_weights_file_is_one_line(folder, tmp_path):
 
 
 def test_a_file_with_a_prompt_field_reads_like_the_dialogues(tmp_path):
-    from minirlhf.data import load_hh_pairs
+    from minirlhf.data.hh import load_hh_pairs
     write_pairs(tmp_path / "hh.jsonl", n=5)
     hh = load_hh_pairs(str(tmp_path / "hh.jsonl"))
     (tmp_path / "trl.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
@@ -147,7 +147,7 @@ def test_a_file_with_a_prompt_field_reads_like_the_dialogues(tmp_path):
 
 def test_prompts_split_by_a_stable_hash_and_too_few_are_refused(tmp_path):
     write_pairs(tmp_path / "p.jsonl")
-    from minirlhf.data import load_hh_pairs
+    from minirlhf.data.hh import load_hh_pairs
     pairs = load_hh_pairs(tmp_path / "p.jsonl")
     splits = prompt_splits("p", pairs)
     assert set(splits["pref"]) | set(splits["unlabelled"]) | set(splits["eval"]) == set(splits["sft"])
@@ -158,15 +158,16 @@ def test_prompts_split_by_a_stable_hash_and_too_few_are_refused(tmp_path):
 
 
 def test_file_task_judges_in_batches_like_one_at_a_time(folder):
-    from minirlhf.data import Codec, load_hh_pairs
+    from minirlhf.data.batches import Batcher
+    from minirlhf.data.hh import load_hh_pairs
+    from minirlhf.data.tokenizer import gpt2_bpe
     from minirlhf.model import ScalarModel
-    from minirlhf.tokenizer import gpt2_bpe
     tok = gpt2_bpe(folder / "vocab.json", folder / "merges.txt")
     torch.manual_seed(0)
     judge = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=16,
                                       n_layer=1, n_head=2))).eval()
     pairs = load_hh_pairs(folder / "pairs.jsonl")
-    task = FileTask("pairs", prompt_splits("pairs", pairs), judge, Codec(tok, 48, 16))
+    task = FileTask("pairs", prompt_splits("pairs", pairs), judge, Batcher(tok, 48, 16))
     prompts = task.sample_prompts(6, random.Random(0), "eval")
     responses = [" Sure.", " No.", " Maybe later, friend.", " Yes", " ok", " Go away."]
     batch = task.golds(prompts, responses)

@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-from minirlhf import ppo_trainer, refinement, rm as rm_stage
-from minirlhf.config import RefineConfig, parse_args
-from minirlhf.data import Codec, decode_responses, encode_responses
+from minirlhf import metarm, ppo_trainer, rlp, rm as rm_stage
+from minirlhf.data.batches import Batcher, decode_responses, encode_responses
+from minirlhf.data.tasks import get_task
 from minirlhf.generate import response_mask
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.pipeline import prepare_rl
-from minirlhf.report import trajectories
+from minirlhf.plumbing.config import RefineConfig, parse_args
 from minirlhf.rm import load_preferences
-from minirlhf.tasks import get_task
+from minirlhf.study.report import trajectories
 
 
 def smoke(out, *extra):
@@ -38,9 +38,9 @@ def test_rlp_rm_accuracy_on_policy_pairs_uses_pairs_no_refinement_trained_on(tra
     out, (device, source, sft, rm) = trained
     prefs = load_preferences(out)
     accuracy, training = [], []
-    recording(monkeypatch, refinement, "rm_accuracy", accuracy)
-    recording(monkeypatch, refinement, "train_reward_model", training)
-    refinement.rlp_round(smoke(out), "oracle", source, sft, rm, prefs, device)
+    recording(monkeypatch, rlp, "rm_accuracy", accuracy)
+    recording(monkeypatch, rlp, "fit_rm", training)
+    rlp.rlp_round(smoke(out), "oracle", source, sft, rm, prefs, device)
     trained_prompts = {p for p, _, _ in training[0][0][1]}
     measured = [pairs for (_, _, pairs), _ in accuracy if pairs is not prefs["held_clean"]]
     assert measured and all(pairs for pairs in measured)
@@ -52,8 +52,8 @@ def test_every_rlp_method_and_the_control_take_the_same_number_of_rm_steps(train
     cfg, prefs, steps = smoke(out), load_preferences(out), {}
     for method in ("control", "oracle"):
         calls = []
-        recording(monkeypatch, refinement, "train_reward_model", calls)
-        refinement.rlp_round(cfg, method, source, sft, rm, prefs, device)
+        recording(monkeypatch, rlp, "fit_rm", calls)
+        rlp.rlp_round(cfg, method, source, sft, rm, prefs, device)
         (_, pairs, *_), kwargs = calls[0]
         steps[method] = kwargs.get("steps_per_epoch") or len(pairs) // cfg.rm_batch
         assert method == "control" or len(pairs) > len(prefs["train"]) + cfg.rm_batch  # more pairs
@@ -63,11 +63,11 @@ def test_every_rlp_method_and_the_control_take_the_same_number_of_rm_steps(train
 def test_a_short_rm_run_still_reaches_its_lr_decay(trained, monkeypatch):
     out, (device, source, sft, rm) = trained
     cfg = smoke(out, "--warmup=30", "--rm_batch=4")
-    codec = Codec.of(cfg, source.tokenizer, device)
+    batcher = Batcher.of(cfg, source.tokenizer, device)
     pairs = load_preferences(out)["train"][:31 * 4]  # one epoch of 31 steps, as a MetaRM round's
     calls = []
     recording(monkeypatch, rm_stage, "cosine_lr", calls)
-    rm_stage.train_reward_model(sft, pairs, cfg, device, seed=0, step=rm_stage.bt_step(codec, 1.0), epochs=1)
+    rm_stage.fit_rm(sft, pairs, cfg, batcher, seed=0, epochs=1)
     (step, total, peak, warmup), _ = calls[-1]
     assert total == 31 and warmup <= total // 2 and rm_stage.cosine_lr(step, total, peak, warmup) < 0.2 * peak
 
@@ -78,8 +78,8 @@ def test_ood_rounds_are_judged_on_held_out_ood_prompts(trained, monkeypatch):
     original = source.task.sample_prompts
     monkeypatch.setattr(source.task, "sample_prompts",
                         lambda n, rng, split: splits.append(split) or original(n, rng, split))
-    refinement.meta_rounds(smoke(out, "--ood=True", "--rounds=1", "--iters=2"), "vanilla-rounds", source,
-                           sft, load_preferences(out), device)
+    metarm.meta_rounds(smoke(out, "--ood=True", "--rounds=1", "--iters=2"), "vanilla-rounds", source,
+                       sft, load_preferences(out), device)
     assert "ood-eval" in splits and "eval" not in splits and "unlabelled" not in splits
 
 
@@ -97,7 +97,7 @@ def test_a_later_round_continues_the_prompt_batches_instead_of_replaying_them(tr
         calls = []
         recording(monkeypatch, ppo_trainer, "rollout", calls)
         if run == "rounds":
-            refinement.meta_rounds(cfg, "vanilla-rounds", source, sft, load_preferences(out), device)
+            metarm.meta_rounds(cfg, "vanilla-rounds", source, sft, load_preferences(out), device)
         else:
             ppo_trainer.train_ppo(cfg, source, sft, rm, device, name="ppo_batches")
         batches[run] = [args[4] for args, _ in calls]  # the encoded prompts of each iteration
@@ -121,12 +121,12 @@ def test_a_pad_sampled_mid_response_is_a_real_token_on_the_text_path_too():
     assert torch.equal(ids[:, :5], response) and torch.equal(text_mask[:, :5], mask)
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)))
-    prompt, pm = Codec(tok, 8, 10).prompts(["review pizza staff positive :"])
+    prompt, pm = Batcher(tok, 8, 10).prompts(["review pizza staff positive :"])
     assert torch.allclose(rm.score(prompt, pm, response, mask), rm.score(prompt, pm, ids, text_mask))
 
 
 def test_rounds_start_short_and_share_vanilla_ppos_budget():
-    from minirlhf.refinement import round_lengths
+    from minirlhf.ppo_trainer import round_lengths
     assert round_lengths(40, 1) == [40] and round_lengths(40, 2) == [20, 20]
     assert round_lengths(40, 3) == [10, 10, 20] and round_lengths(40, 4) == [7, 6, 14, 13]
     assert round_lengths(40, 8) == [3, 3, 5, 6, 6, 6, 5, 6]
@@ -135,20 +135,20 @@ def test_rounds_start_short_and_share_vanilla_ppos_budget():
 
 
 def test_gold_reward_scores_encoded_texts_like_the_task_normalised(trained):
-    from minirlhf.ceilings import GoldReward
+    from minirlhf.study.ceilings import GoldReward
     out, (device, source, sft, rm) = trained
     task, tok = source.task, source.tokenizer
     prompts = task.sample_prompts(6, __import__("random").Random(0), "eval")
     responses = [task.demonstrate(p, __import__("random").Random(i)) + " <eos>" for i, p in enumerate(prompts)]
     gold = GoldReward(task, tok, rm, prompts, responses)
-    scores = gold.score(*Codec(tok, 24, 40).batch(prompts, responses))
+    scores = gold.score(*Batcher(tok, 24, 40).batch(prompts, responses))
     expected = torch.tensor([task.gold(p, y) for p, y in zip(prompts, responses)])
     assert torch.allclose(scores, (expected - expected.mean()) / expected.std(), atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["oracle-iter", "control-iter"])
 def test_iterated_refinement_runs_rounds_that_continue_the_policy(trained, method):
-    from minirlhf.iterated import iterated_rounds
+    from minirlhf.study.iterated import iterated_rounds
     out, (device, source, sft, rm) = trained
     rows = iterated_rounds(smoke(out, "--rounds=2", "--iters=4", "--oracle_pairs=50"), method, source, sft, rm,
                            load_preferences(out), device)
@@ -157,7 +157,7 @@ def test_iterated_refinement_runs_rounds_that_continue_the_policy(trained, metho
 
 
 def test_gold_ppo_ceiling_runs(trained):
-    from minirlhf.ceilings import GoldReward, gold_ppo
+    from minirlhf.study.ceilings import GoldReward, gold_ppo
     out, (device, source, sft, rm) = trained
     prefs = load_preferences(out)
     result = gold_ppo(smoke(out), source, sft, rm, prefs, device)
@@ -169,7 +169,7 @@ def test_gold_ppo_ceiling_runs(trained):
 
 
 def test_big_rm_ceiling_trains_on_ten_times_the_pairs(trained):
-    from minirlhf.ceilings import big_rm_ppo
+    from minirlhf.study.ceilings import big_rm_ppo
     out, (device, source, sft, rm) = trained
     result = big_rm_ppo(smoke(out, "--rm_pairs=32"), source, sft, device)
     assert 10 * 32 * 0.8 <= result["rm_pairs"] <= 10 * 32  # identical sample pairs are dropped
@@ -177,10 +177,10 @@ def test_big_rm_ceiling_trains_on_ten_times_the_pairs(trained):
 
 
 def test_a_later_round_continues_its_rm_and_does_not_re_evaluate_its_start(trained, monkeypatch):
-    from minirlhf.iterated import iterated_rounds
+    from minirlhf.study.iterated import iterated_rounds
     out, (device, source, sft, rm) = trained
     calls = []
-    recording(monkeypatch, refinement, "train_reward_model", calls)
+    recording(monkeypatch, rlp, "fit_rm", calls)
     rows = iterated_rounds(smoke(out, "--rounds=2", "--iters=4", "--eval_every=1", "--oracle_pairs=50"),
                            "oracle-iter", source, sft, rm, load_preferences(out), device)
     assert calls[0][1]["init"] is None and calls[1][1]["init"] is not None and calls[1][1]["epochs"] == 1
@@ -193,6 +193,6 @@ def test_oracle_pairs_are_dealt_over_every_prompt_before_a_cut():
         def golds(self, prompts, responses):
             return [len(y) for y in responses]
     samples = [["a", "bb", "ccc", "dddd"]] * 3
-    pairs = refinement.all_clean_pairs(ByLength(), ["p0", "p1", "p2"], samples, __import__("random").Random(0))
+    pairs = rlp.all_clean_pairs(ByLength(), ["p0", "p1", "p2"], samples, __import__("random").Random(0))
     assert len(pairs) == 18 and [p for p, _, _ in pairs[:3]] == ["p0", "p1", "p2"]
     assert all(len(win) > len(lose) for _, win, lose in pairs)

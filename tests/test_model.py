@@ -60,13 +60,13 @@ def test_generation_is_reproducible_and_stops_at_eos():
 
 
 def test_sft_loss_is_the_response_tokens_nll_eos_included_prompt_excluded():
-    from minirlhf.data import Codec
+    from minirlhf.data.batches import Batcher
+    from minirlhf.data.tasks import get_task
     from minirlhf.sft import sft_loss
-    from minirlhf.tasks import get_task
     tok = get_task("reviews").tokenizer
     model = tiny(vocab=tok.vocab_size)
     prompt, response = "review soup prices positive :", "the soup was great ."
-    loss, n = sft_loss(model, Codec(tok, 16, 16), [prompt], [response])
+    loss, n = sft_loss(model, Batcher(tok, 16, 16), [prompt], [response])
     ids = [tok.bos_id] + tok.encode(prompt) + tok.encode(response) + [tok.eos_id]
     first = 1 + len(tok.encode(prompt))  # the first response token
     logp = torch.log_softmax(model(torch.tensor([ids])), -1)[0]

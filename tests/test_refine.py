@@ -8,7 +8,8 @@ import torch
 from minirlhf.metarm import difference_objective, meta_step, meta_step_second_order
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.reward import bt_loss
-from minirlhf.rlp import MIBHead, cluster_by_similarity, jsd_mi, mib_loss, symmetric_kl, synthetic_preferences
+from minirlhf.rlp import (MIBHead, cluster_by_similarity, jsd_mi, mib_loss, symmetric_kl,
+                          synthetic_preferences)
 
 
 # ---- RLP-UML ----------------------------------------------------------------------------------------------------
@@ -84,22 +85,23 @@ def test_cluster_by_similarity():
 
 def test_similarity_keys_batched_equal_one_prompt_at_a_time():
     from types import SimpleNamespace
-    from minirlhf.data import Codec
-    from minirlhf.refinement import semantic_keys
+
+    from minirlhf.data.batches import Batcher
+    from minirlhf.data.tasks import get_task
+    from minirlhf.rlp import semantic_keys
     from minirlhf.rm import score_texts
-    from minirlhf.tasks import get_task
     tok = get_task("reviews").tokenizer
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=48, n_embd=16, n_layer=1, n_head=2)))
-    codec, free_text = Codec(tok, 16, 24), SimpleNamespace(semantic_key=None)
+    batcher, free_text = Batcher(tok, 16, 24), SimpleNamespace(semantic_key=None)
     prompts = ["review pizza staff positive :", "review soup negative :"]
     samples = [["the pizza was great .", "the staff were rude !", "the pizza was great . <eos>"],
                ["the soup was cold .", "bad .", "the soup was cold and the staff were rude ."]]
     with torch.no_grad():
-        batched = score_texts(rm, codec, [p for p in prompts for _ in range(3)], sum(samples, []), hidden=True)
-        alone = torch.cat([rm.score(*codec.batch([p] * 3, ys), return_hidden=True)[1]
+        batched = score_texts(rm, batcher, [p for p in prompts for _ in range(3)], sum(samples, []), hidden=True)
+        alone = torch.cat([rm.score(*batcher.batch([p] * 3, ys), return_hidden=True)[1]
                            for p, ys in zip(prompts, samples)])
-        keys = semantic_keys(free_text, rm, codec, prompts, samples)
+        keys = semantic_keys(free_text, rm, batcher, prompts, samples)
     assert batched.shape == (6, 16) and torch.allclose(batched, alone, atol=1e-5)
     assert keys == [cluster_by_similarity(alone[i * 3:(i + 1) * 3]) for i in range(2)]
 
@@ -182,6 +184,7 @@ def test_second_order_step_is_the_gradient_through_the_inner_step():
     """Against finite differences (float64): the step's gradient is that of F(theta) = L_R(theta + eta grad J)."""
     from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from minirlhf.metarm import _pref_loss
     from minirlhf.model import score_with
     pref, meta = batches()
@@ -207,9 +210,9 @@ def test_second_order_step_is_the_gradient_through_the_inner_step():
 
 
 def test_uml_without_two_prompts_of_distinct_samples_is_one_error():
-    from minirlhf.rlp import uml_step
+    from minirlhf.rlp import uml_views
     with pytest.raises(ValueError, match="RLP-UML: 1 of 2 prompts have two distinct policy samples"):
-        uml_step(None, ["a", "b"], [["x", "y"], ["z", "z"]], None, None, 0.5, 1.0, 1.0)
+        uml_views(["a", "b"], [["x", "y"], ["z", "z"]])
 
 
 def test_second_order_variant_runs_on_math_attention():

@@ -10,11 +10,10 @@ import time
 import pytest
 import torch
 
-from minirlhf.checkpoint import load
-from minirlhf.model import load_model, save_model
-from minirlhf.data import encode_prompts
-from minirlhf.model import GPT, GPTConfig
-from minirlhf.tasks import get_task
+from minirlhf.data.batches import encode_prompts
+from minirlhf.data.tasks import get_task
+from minirlhf.model import GPT, GPTConfig, load_model, save_model
+from minirlhf.plumbing.checkpoint import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +51,7 @@ def test_missing_corrupt_and_mismatched_checkpoints(tmp_path):
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from minirlhf.checkpoint import atomic_write_json
+    from minirlhf.plumbing.checkpoint import atomic_write_json
     path = tmp_path / "state.json"
     atomic_write_json({"step": 1}, str(path))
     before = path.read_bytes()

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from minirlhf.contrasts import gold_at_kl
-from minirlhf.report import fmt
-from minirlhf.stats import mean_ci, t95
+from minirlhf.study.contrasts import gold_at_kl
+from minirlhf.study.report import fmt
+from minirlhf.study.stats import mean_ci, t95
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +32,9 @@ def test_gold_at_matched_kl_interpolates_first_crossing():
 
 
 def test_experiments_smoke_writes_every_file(tmp_path):
-    from minirlhf.config import ReportConfig, parse_args
-    from minirlhf.cells import METHODS, run_report
+    from minirlhf.plumbing.config import parse_args
+    from minirlhf.study.cells import METHODS, run_report
+    from minirlhf.study.config import ReportConfig
     out = tmp_path / "rep"
     cfg = parse_args(["--preset=smoke", "--seeds=1", f"--out_dir={out}", "--rounds=1", "--iters=2", "--bon_max=2",
                       "--rm_pairs=48", "--eval_prompts=8"], ReportConfig)
@@ -66,7 +67,7 @@ def test_experiments_smoke_writes_every_file(tmp_path):
 
 
 def test_verdict_reads_a_contrast_by_the_pre_registered_rule():
-    from minirlhf.contrasts import verdict
+    from minirlhf.study.contrasts import verdict
     assert verdict([0.5, 0.6, 0.4, 0.5], 0.01, delta=0.1) == "better"
     assert verdict([-0.5, -0.6, -0.4, -0.5], 0.01, delta=0.1) == "worse"
     # not significant, interval inside +-delta: a difference too small to matter
@@ -77,7 +78,7 @@ def test_verdict_reads_a_contrast_by_the_pre_registered_rule():
 
 
 def test_a_claim_reads_by_the_pre_registered_rule():
-    from minirlhf.contrasts import claim_reading
+    from minirlhf.study.contrasts import claim_reading
     better, worse, same, unsure = "better", "worse", "equivalent", "undecided"
     both = lambda a, b: {"KL-grid mean": a, "split-half peak": b}
     assert claim_reading(both(better, unsure), both(unsure, better)) == "reproduces"
@@ -91,7 +92,7 @@ def test_a_claim_reads_by_the_pre_registered_rule():
 
 
 def test_claims_come_from_the_paired_contrasts():
-    from minirlhf.contrasts import claims, paired_differences
+    from minirlhf.study.contrasts import claims, paired_differences
     def run(gold):  # a run whose gold is `gold` all along its way to KL 3
         return [{"eval/kl": float(k), "eval/gold": gold, "gold_per_prompt": [gold] * 4} for k in range(4)]
     seeds = [f"seed{i}" for i in range(10)]
@@ -103,7 +104,7 @@ def test_claims_come_from_the_paired_contrasts():
     uml = [r for r in rows if r["method"] == "uml" and "holm" in r]
     assert len(uml) == 4 and all(r["holm"] == pytest.approx(16 / 1024) for r in uml)
     assert claims(rows) == [("uml", "control", "reproduces"), ("spg", "control", "contradicted")]
-    from minirlhf.report import paired_lines  # report.md shows the equivalence bound with the reading
+    from minirlhf.study.report import paired_lines
     per_seed = {m: {s: {"curve": c} for s, c in runs.items()} for m, runs in curves.items()}
     text = "\n".join(paired_lines(per_seed, list(per_seed), 0.1))
     assert "| RLP-SPG − control | KL-grid mean | +0.000 ± 0.000 | 0/10 | 1.000 | 1.000 | equivalent (±0.1) |" in text
@@ -114,7 +115,7 @@ def test_claims_come_from_the_paired_contrasts():
 
 
 def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
-    from minirlhf.cells import load_results
+    from minirlhf.study.cells import load_results
     (tmp_path / "cells").mkdir()
     (tmp_path / "results.json").write_text(json.dumps({"reviews/seed0/ppo": {"x": 1}}))
     cell = {"reviews/seed3/ppo": {"x": 2, "curve": [{"gold": 1.5499999999999998, "kl": 1234567.89}]}}
@@ -129,7 +130,7 @@ def test_results_merge_cells_of_processes_that_split_the_seeds(tmp_path):
 
 
 def test_metarm_round_curves_continue_the_previous_round():
-    from minirlhf.report import policies
+    from minirlhf.study.report import policies
     point = lambda it, kl: {"iter": it, "eval/kl": kl}
     cell = {"rounds": [{"round": 1, "curve": [point(0, 0.0), point(20, 3.0)]},
                        {"round": 2, "curve": [point(0, 3.1), point(20, 6.0)]}]}
@@ -141,8 +142,8 @@ def test_metarm_round_curves_continue_the_previous_round():
 
 
 def test_primary_endpoints_and_the_paired_analysis():
-    from minirlhf.contrasts import endpoints, kl_grid_mean, split_half_peak
-    from minirlhf.stats import holm, sign_flip_p
+    from minirlhf.study.contrasts import endpoints, kl_grid_mean, split_half_peak
+    from minirlhf.study.stats import holm, sign_flip_p
     curve = [{"eval/kl": 0.0, "eval/gold": 1.0, "gold_per_prompt": [1.0, 1.0, 1.0, 1.0]},
              {"eval/kl": 2.0, "eval/gold": 3.0, "gold_per_prompt": [5.0, 1.0, 5.0, 1.0]},
              {"eval/kl": 4.0, "eval/gold": 2.0, "gold_per_prompt": [1.0, 3.0, 1.0, 3.0]}]
@@ -161,7 +162,8 @@ def test_primary_endpoints_and_the_paired_analysis():
 def test_sign_flip_by_sampling_beyond_16_seeds_and_holm_capped_at_1():
     import itertools
     import random
-    from minirlhf.stats import holm, sign_flip_p
+
+    from minirlhf.study.stats import holm, sign_flip_p
     d = [random.Random(1).gauss(0.3, 1.0) for _ in range(17)]
     exact = sum(abs(sum(s * x for s, x in zip(signs, d))) >= abs(sum(d)) - 1e-12
                 for signs in itertools.product((1, -1), repeat=17)) / 2 ** 17
@@ -171,7 +173,7 @@ def test_sign_flip_by_sampling_beyond_16_seeds_and_holm_capped_at_1():
 
 
 def test_policy_minus_best_of_n_at_its_kl():
-    from minirlhf.report import bon_lines
+    from minirlhf.study.report import bon_lines
     bon = {s: {"curve": [{"n": n, "kl": kl, "gold": g} for n, kl, g in
                          ((2, 0.19, 0.0), (4, 0.64, 1.0), (8, 1.2, 2.0))]} for s in ("seed0", "seed1")}
     up = [{"eval/kl": 0.0, "eval/gold": 0.0}, {"eval/kl": 1.0, "eval/gold": 2.0}]  # gold 2·KL, stops at KL 1
@@ -182,8 +184,8 @@ def test_policy_minus_best_of_n_at_its_kl():
 
 
 def test_report_names_methods_as_readers_know_them():
-    from minirlhf.cells import KNOWN_METHODS
-    from minirlhf.report import LABELS, label
+    from minirlhf.study.cells import KNOWN_METHODS
+    from minirlhf.study.report import LABELS, label
     assert set(LABELS) == set(KNOWN_METHODS)  # a new method needs its name
     assert label("uml+spg-iter r3") == "RLP-UML+SPG iterated r3" and label("SFT") == "SFT"
     assert label("vanilla-rounds r1") == "MetaRM eta=0 (its control) r1"

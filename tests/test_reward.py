@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
-from minirlhf.data import DataError, load_hh_pairs
+from minirlhf.data.hh import DataError, load_hh_pairs
 from minirlhf.generate import left_pad
-from minirlhf.model import GPT, GPTConfig, ScalarModel
-from minirlhf.model import last_token_index
+from minirlhf.model import GPT, GPTConfig, ScalarModel, last_token_index
 from minirlhf.reward import Ensemble, bt_loss, normalize, pairwise_accuracy
 
 HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "helpful-base",
@@ -51,7 +50,8 @@ def test_normalize_gives_zero_mean_unit_std():
 
 def test_gold_label_is_a_noisy_bradley_terry_annotator():
     import random
-    from minirlhf.data import gold_label
+
+    from minirlhf.rm import gold_label
     rng = random.Random(0)
     assert all(gold_label(0.1, 1e-3, 0.0, rng) for _ in range(200))  # tiny tau: the better one, always
     assert not any(gold_label(0.1, 1e-3, 1.0, rng) for _ in range(200))  # every label flipped
@@ -146,9 +146,9 @@ def test_real_hh_rlhf_file_loads():
 
 def test_an_rm_with_no_pairs_is_an_error_not_a_hang():
     # sample_pairs drops pairs of identical responses: a near-deterministic SFT can leave none
-    from minirlhf.config import RMConfig
-    from minirlhf.rm import rm_accuracy, train_reward_model
+    from minirlhf.plumbing.config import RMConfig
+    from minirlhf.rm import RMLoop, rm_accuracy
     sft = GPT(GPTConfig(vocab_size=8, n_positions=8, n_embd=8, n_layer=1, n_head=1))
     with pytest.raises(DataError, match="no preference pairs to train on"):
-        train_reward_model(sft, [], RMConfig(), torch.device("cpu"), seed=0, step=None)
+        RMLoop(sft.parameters(), [], RMConfig(), seed=0)
     assert math.isnan(rm_accuracy(None, None, []))

@@ -10,17 +10,19 @@ import sys
 import pytest
 import torch
 
-from minirlhf import config, ppo
-from minirlhf.config import PPOConfig, RefineConfig, RMConfig, UsageError, parse_args
-from minirlhf.data import Codec
+from minirlhf import ppo
+from minirlhf.data.batches import Batcher
+from minirlhf.data.sources import get_source
 from minirlhf.evaluate import summarize
 from minirlhf.generate import sequence_logprobs
+from minirlhf.metarm import meta_rounds
 from minirlhf.model import load_model
 from minirlhf.pipeline import prepare_rl
+from minirlhf.plumbing import config
+from minirlhf.plumbing.config import PPOConfig, RefineConfig, RMConfig, UsageError, parse_args
 from minirlhf.ppo_trainer import best_of_n_baseline, rollout, train_ppo
-from minirlhf.refinement import meta_rounds, rlp_round
+from minirlhf.rlp import rlp_round
 from minirlhf.rm import load_preferences, train_rm
-from minirlhf.sources import get_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,15 +64,16 @@ def test_ppo_ratio_is_one_before_first_update(smoke_dir):
     policy = load_model(os.path.join(smoke_dir, "sft.pt"))[0].train()  # train(): dropout is off, so no change
     policy.set_dropout(0.0)
     prompts = source.task.sample_prompts(cfg.rollout_batch, random.Random(0), "unlabelled")
-    codec = Codec.of(cfg, source.tokenizer)
-    batch, _ = rollout(policy, sft, rm, rm, *codec.prompts(prompts), codec.tok.eos_id, codec.tok.pad_id, cfg,
+    batcher = Batcher.of(cfg, source.tokenizer)
+    batch, _ = rollout(policy, sft, rm, rm, *batcher.prompts(prompts), batcher.tok.eos_id, batcher.tok.pad_id, cfg,
                        torch.Generator().manual_seed(0), cfg.kl_coef)
     idx = torch.arange(cfg.minibatch)  # a minibatch, as the update sees it
-    logp = sequence_logprobs(policy, batch["p"][idx], batch["pm"][idx], batch["r"][idx], batch["rmask"][idx],
+    mb = {k: v[idx] for k, v in batch.items()}
+    logp = sequence_logprobs(policy, mb["prompt"], mb["prompt_mask"], mb["response"], mb["response_mask"],
                              cfg.temperature)
-    ratio = torch.exp(logp - batch["logp"][idx])[batch["rmask"][idx].bool()]
+    ratio = torch.exp(logp - mb["logp"])[mb["response_mask"].bool()]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-6, rtol=0)
-    _, stats = ppo.policy_loss(logp, batch["logp"][idx], batch["advantages"][idx], batch["rmask"][idx], cfg.clip)
+    _, stats = ppo.policy_loss(logp, mb["logp"], mb["advantages"], mb["response_mask"], cfg.clip)
     assert stats["ppo/policy/clipfrac"] == 0.0
 
 
@@ -109,7 +112,9 @@ def test_config_parsing():
 
 
 def test_every_field_is_documented_and_help_lists_the_scripts_own_stage_first():
-    for cls in (config.SFTConfig, RMConfig, PPOConfig, RefineConfig, config.ReportConfig, config.BenchConfig):
+    from minirlhf.bench.config import BenchConfig
+    from minirlhf.study.config import ReportConfig
+    for cls in (config.SFTConfig, RMConfig, PPOConfig, RefineConfig, ReportConfig, BenchConfig):
         docs = config.field_docs(cls)
         assert all(docs.get(f) for f in cls.__dataclass_fields__), cls
     out = subprocess.run([sys.executable, "train_rm.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -118,6 +123,7 @@ def test_every_field_is_documented_and_help_lists_the_scripts_own_stage_first():
     out = subprocess.run([sys.executable, "experiments.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True).stdout
     assert "--out_dir='out_report'" in out and "--preset='report'" in out and "--iters=40" in out  # true defaults
+    assert "\nreport:" in out and "\nbenchmark:" not in out  # the study's group, titled, beside its config
 
 
 @pytest.mark.parametrize("method", ["uml", "spg", "uml+spg", "oracle", "control"])
@@ -192,6 +198,7 @@ def test_sft_starts_from_a_gpt2_checkpoint_with_rows_for_our_special_tokens(tmp_
     """--init_from: a tiny random GPT-2 folder (our save_pretrained, HF's layout) and a byte-level
     vocab.json/merges.txt; with a zero learning rate SFT must save exactly the checkpoint's weights."""
     from tokenizers import pre_tokenizers
+
     from minirlhf.model import GPT, GPTConfig
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # every byte has a token: any text encodes
     (tmp_path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(alphabet)}))

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from minirlhf.tasks import Arith, Reviews, get_task
-from minirlhf.tokenizer import Tokenizer, train_bpe
+from minirlhf.data.tasks import Arith, Reviews, get_task
+from minirlhf.data.tokenizer import Tokenizer, train_bpe
 
 R = Reviews()
 P = "review pizza staff positive :"  # ideal length: 3 sentences
@@ -107,7 +107,8 @@ def test_bpe_round_trip():
 
 def test_gpt2_vocab_and_merges_load(tmp_path):
     import json
-    from minirlhf.tokenizer import gpt2_bpe
+
+    from minirlhf.data.tokenizer import gpt2_bpe
     vocab = {c: i for i, c in enumerate(["h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "hell", "hello"])}
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\nl l\nhe ll\nhell o\n")

@@ -15,12 +15,13 @@ import random
 
 import torch
 
-from . import seeds
-from .data import Codec, DataError
-from .config import UsageError, made_with
-from .model import load_model, save_model
-from .rm import bt_step, normalize_on, rm_accuracy, sample_pairs, score_texts, train_reward_model
-from .runtime import write_summary
+from ..model import load_model, save_model
+from ..plumbing import seeds
+from ..plumbing.config import UsageError, made_with
+from ..plumbing.runtime import write_summary
+from ..rm import fit_rm, normalize_on, rm_accuracy, sample_pairs, score_texts
+from .batches import Batcher
+from .hh import DataError
 from .tasks import split_of
 
 
@@ -44,15 +45,15 @@ class FileTask:
     responses (sources.FileSource)."""
     semantic_key = None  # no key on free text: RLP-SPG clusters by similarity instead
 
-    def __init__(self, name, splits, gold_rm, codec):
-        self.name, self.splits, self.gold_rm, self.codec = name, splits, gold_rm, codec
+    def __init__(self, name, splits, gold_rm, batcher):
+        self.name, self.splits, self.gold_rm, self.batcher = name, splits, gold_rm, batcher
 
     def sample_prompts(self, n, rng, split):
         pool = self.splits[split]
         return [rng.choice(pool) for _ in range(n)]
 
     def golds(self, prompts, responses):
-        return score_texts(self.gold_rm, self.codec, list(prompts), list(responses)).tolist()
+        return score_texts(self.gold_rm, self.batcher, list(prompts), list(responses)).tolist()
 
     def gold(self, prompt, response):
         return self.golds([prompt], [response])[0]
@@ -62,19 +63,19 @@ def gold_rm_path(out_dir):
     return os.path.join(out_dir, "gold_rm.pt")
 
 
-def train_gold_rm(cfg, source, sft, codec):
+def train_gold_rm(cfg, source, sft, batcher):
     """The gold RM: from the SFT weights, Bradley-Terry on every training pair of the file, its
     accuracy on the file's held-out pairs, normalised on SFT samples of 'pref' prompts."""
-    device = codec.device
-    gold = train_reward_model(sft, source.train_pairs, cfg, device, seed=cfg.seed + seeds.GOLD_RM,
-                              step=bt_step(codec, cfg.grad_clip), desc="gold rm")
+    device = batcher.device
+    gold = fit_rm(sft, source.train_pairs, cfg, batcher, seed=cfg.seed + seeds.GOLD_RM,
+                  desc="gold rm")
     summary = {"train_pairs": len(source.train_pairs),
-               "held_out_acc": rm_accuracy(gold, codec, source.held_out_pairs)}
-    prompts = FileTask(source.name, source.splits, gold, codec).sample_prompts(
+               "held_out_acc": rm_accuracy(gold, batcher, source.held_out_pairs)}
+    prompts = FileTask(source.name, source.splits, gold, batcher).sample_prompts(
         256, random.Random(cfg.seed + seeds.GOLD_RM), "pref")
-    pairs = sample_pairs(sft, codec, prompts, cfg.temperature,
+    pairs = sample_pairs(sft, batcher, prompts, cfg.temperature,
                          torch.Generator(device).manual_seed(cfg.seed + seeds.GOLD_RM))
-    normalize_on(gold, codec, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
+    normalize_on(gold, batcher, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
     save_model(gold_rm_path(cfg.out_dir), gold, source=source.name, config=made_with(cfg, "sft"))
     write_summary(cfg, "gold_rm", summary)
     print(f"gold RM: {summary['train_pairs']} pairs of the file, accuracy on its "
@@ -103,6 +104,6 @@ def load_gold_rm(cfg, source):
 def attach_gold_rm(cfg, source, sft, gold, device):
     """Make `gold` (load_gold_rm's; trained from `sft` first when None) the judge of `source`,
     its task: every later stage then runs as on an embedded task."""
-    codec = Codec.of(cfg, source.tokenizer, device)
-    gold = train_gold_rm(cfg, source, sft, codec) if gold is None else gold.to(device).eval()
-    source.task = FileTask(source.name, source.splits, gold, codec)
+    batcher = Batcher.of(cfg, source.tokenizer, device)
+    gold = train_gold_rm(cfg, source, sft, batcher) if gold is None else gold.to(device).eval()
+    source.task = FileTask(source.name, source.splits, gold, batcher)

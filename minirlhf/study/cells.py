@@ -1,5 +1,5 @@
 """The reproduction report's runs: every method on every seed, one cell at a time, resumable and
-splittable across processes (the protocol: README, Science v2; its analysis: ALGORITHMS.md §4.3).
+splittable across processes (the protocol: docs/protocol.md; its analysis: ALGORITHMS.md §4.3).
 
 Per seed, one SFT policy and one proxy RM (out_dir/<task>/seed<k>/) serve every method, each with
 the same PPO budget (--iters). A finished cell lands at once as its own file in out_dir/cells/ and
@@ -11,16 +11,17 @@ from dataclasses import fields, replace
 
 from tqdm import tqdm
 
+from ..evaluate import summarize
+from ..metarm import meta_rounds
+from ..pipeline import prepare_rl
+from ..plumbing.checkpoint import atomic_write_json, check_made_with
+from ..plumbing.runtime import lock_out_dir, read_summary
+from ..ppo_trainer import best_of_n_baseline, ensure_ppo, train_ppo
+from ..rlp import RLP_METHODS, rlp_round
+from ..rm import ensure_rm, load_preferences
 from .ceilings import big_rm_ppo, gold_ppo
-from .checkpoint import atomic_write_json, check_made_with
-from .evaluate import summarize
-from .iterated import iterated_rounds
-from .pipeline import prepare_rl
-from .ppo_trainer import best_of_n_baseline, train_ppo
-from .refinement import ITERATED_METHODS, RLP_METHODS, meta_rounds, rlp_round, vanilla_policy
+from .iterated import ITERATED_METHODS, iterated_rounds
 from .report import write_report
-from .rm import ensure_rm, load_preferences
-from .runtime import lock_out_dir, read_summary
 
 # every method of the report: the one-shot RLP rounds as in the RLP paper, and UML+SPG also in the
 # iterated mode beside the oracle and the control
@@ -37,7 +38,7 @@ def run_cell(cfg, method):
     if method == "bon":
         return {"curve": best_of_n_baseline(cfg, source, sft, rm, device)}
     if method == "ppo":
-        vanilla_policy(cfg, source, sft, rm, device)
+        ensure_ppo(cfg, source, sft, rm, device)
         summary = read_summary(cfg)
         return {**summary["ppo"],
                 "rm_after": {"held_out_acc_gold": summary["rm"].get("held_out_acc_gold")}}

@@ -22,6 +22,16 @@ BIG_RM = 90  # the big-rm ceiling's RM
 GOLD_RM = 95  # a file's gold RM: its initialisation, batch order and normalisation samples
 RM_MEMBER = 1000  # * k: ensemble member k's RM
 
+# the draws of one PPO iteration (iteration_seed's salt), and two streams keyed like iterations
+ROLLOUT, WIN_RATE_BASELINE, EVALUATION, MINIBATCH_ORDER = 0, 1, 2, 3
+BASELINE_ITER, BEST_OF_N_ITER = -1, -2  # the win-rate baseline's SFT samples; best-of-n's
+
+
+def stream(seed, name, index=0):
+    """The seed of the named stream `name` (one of the offsets above) of run `seed`; `index` tells
+    apart its draws where there are several (a round, an ensemble member)."""
+    return seed + name + index
+
 
 def step_seed(seed, step):
     """SFT step `step`'s batch."""

@@ -16,12 +16,12 @@ from dataclasses import replace
 
 import torch
 
-from .checkpoint import load
-from .config import PPOConfig
-from .generate import generate
-from .model import GPT, GPTConfig, ScalarModel
-from .runtime import adamw
-from .ppo_trainer import ppo_update, rollout
+from ..generate import generate
+from ..model import GPT, GPTConfig, ScalarModel
+from ..plumbing.checkpoint import load
+from ..plumbing.config import PPOConfig
+from ..plumbing.runtime import adamw
+from ..ppo_trainer import ppo_update, rollout
 
 # what hf_generate.py --save_dir writes beside the weights
 PROMPT_FIELDS = ("input_ids", "attention_mask", "pad_id")

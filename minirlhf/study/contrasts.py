@@ -1,4 +1,4 @@
-"""The pre-registered analysis (README, "Science v2"): each run's primary endpoints, the
+"""The pre-registered analysis (ALGORITHMS.md §4.3): each run's primary endpoints, the
 paired contrasts between methods with Holm's adjustment, how each contrast reads, and what that
 says about each paper's claim. report.py formats the result."""
 from .stats import holm, mean_ci, sign_flip_p
@@ -45,11 +45,10 @@ def endpoints(a, b):
             "gold at KL 2": (gold_at_kl(a, 2.0), gold_at_kl(b, 2.0))}
 
 
-# The pre-registered contrasts (README, "Science v2"): (method, baseline). Every
-# method against vanilla PPO and against its matching control: the one-shot RLP rounds against
-# `control`, the iterated ones against `control-iter`, MetaRM against its eta = 0 rounds. (The
-# iterated RLP methods' rows were added on 2026-11-26, before any result of the 16-seed run was
-# read.)
+# The pre-registered contrasts (ALGORITHMS.md §4.3): (method, baseline). Every method against
+# vanilla PPO and against its matching control: the one-shot RLP rounds against `control`, the
+# iterated ones against `control-iter`, MetaRM against its eta = 0 rounds. (The iterated RLP
+# methods' rows were added before any result of the 16-seed run was read: docs/protocol.md.)
 CONTRASTS = (("oracle-iter", "control-iter"), ("gold-ppo", "ppo"), ("big-rm", "ppo"),
              ("uml", "ppo"), ("spg", "ppo"), ("uml+spg", "ppo"), ("oracle", "ppo"),
              ("ensemble-mean", "ppo"), ("ensemble-min", "ppo"), ("metarm", "ppo"),
@@ -61,8 +60,8 @@ CONTRASTS = (("oracle-iter", "control-iter"), ("gold-ppo", "ppo"), ("big-rm", "p
              ("uml+spg-iter", "control-iter"))
 
 # The smallest difference in gold worth calling an effect, a third of the gate's bar for what
-# perfect on-policy labels must buy (README, "Science v2"). Pre-registered on 2026-11-26, before any
-# result of the 16-seed run was read.
+# perfect on-policy labels must buy (ALGORITHMS.md §4.3). Pre-registered before any result of the
+# 16-seed run was read.
 SMALLEST_EFFECT = {"reviews": 0.1, "arith": 0.05 / 3}
 
 
@@ -108,7 +107,7 @@ def paired_differences(curves, delta):
 
 # Each paper's claim that its method beats vanilla PPO, and the matching control that does the
 # same RM training without what the method adds. RLP's Algorithm 1 is one-shot; the iterated mode
-# is this testbed's extension of the same claim (README, "Science v2").
+# is this testbed's extension of the same claim (ALGORITHMS.md §4.3).
 CLAIMS = (("uml", "control"), ("spg", "control"), ("uml+spg", "control"),
           ("uml-iter", "control-iter"), ("spg-iter", "control-iter"),
           ("uml+spg-iter", "control-iter"), ("metarm", "vanilla-rounds"))

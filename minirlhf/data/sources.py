@@ -2,8 +2,8 @@
 HH-RLHF-style file (whose gold judge, a gold RM, is attached once SFT exists: file_task.py)."""
 import os
 
-from .data import load_hh_pairs
 from .file_task import prompt_splits
+from .hh import load_hh_pairs
 from .tasks import get_task
 from .tokenizer import Tokenizer, gpt2_bpe, train_bpe
 
@@ -55,5 +55,6 @@ class FileSource:
 
 
 def get_source(cfg, new_sft=False):
-    """The run's source of text; `new_sft`: train_sft.py, which trains SFT anew (unless resuming)."""
+    """The run's source of text; `new_sft`: train_sft.py, which trains SFT anew (unless
+    resuming)."""
     return FileSource(cfg, new_sft) if cfg.data else TaskSource(cfg)

@@ -12,36 +12,45 @@ import random
 
 import torch
 
-from . import seeds
-from .data import Codec
-from .evaluate import summarize
-from .refinement import (ITERATED_METHODS, held_out_policy_pairs, policy_samples, ppo_round,
-                         refine_rm)
-from .rm import rm_accuracy
-from .runtime import print_table, write_summary
+from ..data.batches import Batcher
+from ..evaluate import summarize
+from ..generate import policy_samples
+from ..plumbing import seeds
+from ..plumbing.runtime import print_table, write_summary
+from ..ppo_trainer import ppo_round
+from ..rlp import RLP_METHODS, RLPMethod, added_pairs, retrain_rm
+from ..rm import held_out_policy_pairs, rm_accuracy
+
+# the on-policy, iterated mode of each RLP method; the one-shot rounds of rlp.py are the RLP paper's
+# protocol (Algorithm 1)
+ITERATED_METHODS = {"uml-iter": RLP_METHODS["uml"], "spg-iter": RLP_METHODS["spg"],
+                    "uml+spg-iter": RLP_METHODS["uml+spg"], "oracle-iter": RLPMethod(oracle="all"),
+                    "control-iter": RLP_METHODS["control"]}
 
 
 def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
     """The rounds of ITERATED_METHODS[name]; returns and records one row per round."""
     method, task = ITERATED_METHODS[name], source.task
-    codec = Codec.of(cfg, source.tokenizer, device)
+    batcher = Batcher.of(cfg, source.tokenizer, device)
     policy, rows, added = sft, [], []
     for r in range(1, cfg.rounds + 1):
-        rng = random.Random(cfg.seed + seeds.ITER_SAMPLES + r)
+        seed = seeds.stream(cfg.seed, seeds.ITER_SAMPLES, r)
+        rng = random.Random(seed)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
-        samples = policy_samples(policy, codec, prompts, cfg.n_samples, 1.0, torch.Generator(
-            device).manual_seed(cfg.seed + seeds.ITER_SAMPLES + r))
+        samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0,
+                                 torch.Generator(device).manual_seed(seed))
         # SPG ranks by the RM in use so far; the oracle's pairs accumulate over the rounds; round
         # r > 1 continues round r - 1's RM, which keeps what it learnt (from SFT, the accumulated
         # pairs would dilute the newest ones within the same steps)
-        rm, stats, new = refine_rm(cfg, f"{name} r{r}", method, task, codec, sft, rm, prefs,
-                                   prompts, samples, rng, cfg.seed + seeds.ITER_RM + r, added,
-                                   init=rm if r > 1 else None)
+        new, stats = added_pairs(cfg, method, task, batcher, rm, prompts, samples, rng)
+        rm = retrain_rm(cfg, method, sft, batcher, prefs, added + new, prompts, samples, rng,
+                        seeds.stream(cfg.seed, seeds.ITER_RM, r), init=rm if r > 1 else None,
+                        desc=f"{name} r{r}")
         added += new if method.oracle else []
-        rm_row = {"held_out_acc_gold": rm_accuracy(rm, codec, prefs["held_clean"]),
-                  "rm_acc_policy_pairs": rm_accuracy(rm, codec, held_out_policy_pairs(
-                      policy, codec, task, cfg.refine_prompts, cfg.temperature,
-                      cfg.seed + seeds.HELD_OUT_PAIRS + r)), **stats}
+        rm_row = {"held_out_acc_gold": rm_accuracy(rm, batcher, prefs["held_clean"]),
+                  "rm_acc_policy_pairs": rm_accuracy(rm, batcher, held_out_policy_pairs(
+                      policy, batcher, task, cfg.refine_prompts, cfg.temperature,
+                      seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS, r))), **stats}
         policy, history = ppo_round(cfg, r, name, source, sft, rm, policy, device)
         rows.append({"round": r, **rm_row, **summarize(history)})
         print(f"round {r}: " + ", ".join(f"{k} {v:.3f}" for k, v in rm_row.items())

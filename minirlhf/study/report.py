@@ -4,8 +4,8 @@ import csv
 import math
 import os
 
+from ..evaluate import win_tie_lose
 from .contrasts import SMALLEST_EFFECT, claims, gold_at_kl, paired_differences
-from .evaluate import win_tie_lose
 from .stats import mean_ci
 
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)

@@ -1,92 +1,10 @@
-"""Text <-> tensors in minirlhf's batch layout, the gold labeller, and the HH-RLHF file loader.
-
-Layout (see generate.py): prompts left-padded and preceded by BOS; responses
-right-padded, ending with EOS.
-"""
+"""The HH-RLHF preference-file loader: JSONL(.gz) lines -> (prompt, chosen, rejected), every bad
+line one DataError naming the file, the line and the field."""
 import gzip
 import json
-import math
 import os
 import sys
 import zlib
-
-from dataclasses import dataclass
-
-import torch
-
-from .generate import left_pad, response_mask
-
-
-def encode_prompts(tok, prompts, device="cpu", max_len=None):
-    """BOS + prompt tokens, left-padded. A prompt longer than `max_len` keeps its last max_len
-    tokens (the text nearest the response matters most); BOS is kept."""
-    seqs = []
-    for p in prompts:
-        ids = tok.encode(p)
-        if max_len is not None and len(ids) + 1 > max_len:
-            ids = ids[len(ids) + 1 - max_len:]
-        seqs.append([tok.bos_id] + ids)
-    return left_pad(seqs, tok.pad_id, device)
-
-
-def encode_responses(tok, responses, max_len, device="cpu"):
-    """Response tokens + EOS, cut to max_len (a cut response has no EOS: it is
-    unfinished), right-padded."""
-    seqs = [(tok.encode(r) + [tok.eos_id])[:max_len] for r in responses]
-    N = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), N), tok.pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-    ids = ids.to(device)
-    # the padding is what lies past each row's length: a PAD the policy sampled mid-response stays a
-    # real token, as it is on the tensor path that scored it during PPO
-    within = torch.arange(N, device=device)[None, :] < torch.tensor([len(s) for s in seqs],
-                                                                    device=device)[:, None]
-    return ids, response_mask(ids, tok.eos_id) * within.long()
-
-
-def decode_responses(tok, response, mask):
-    """Response texts; EOS kept (it marks a finished response), padding dropped."""
-    return [tok.tok.decode(r[m.bool()].tolist(), skip_special_tokens=False)
-            for r, m in zip(response.cpu(), mask.cpu())]
-
-
-@dataclass
-class Codec:
-    """How one run turns texts into batches: its tokenizer, the room for prompt and
-    response, its device."""
-    tok: object
-    """The tokenizer (tokenizer.Tokenizer)."""
-    prompt_len: int
-    """Room for a prompt (BOS included): a longer one keeps its last tokens."""
-    max_new_tokens: int
-    """Room for a response (EOS included)."""
-    device: object = "cpu"
-    """Where the batches are built."""
-
-    @classmethod
-    def of(cls, cfg, tok, device="cpu"):
-        """The codec of a run: its config's prompt room and response length."""
-        return cls(tok, cfg.prompt_room, cfg.max_new_tokens, device)
-
-    def prompts(self, prompts):
-        return encode_prompts(self.tok, prompts, self.device, max_len=self.prompt_len)
-
-    def responses(self, responses):
-        return encode_responses(self.tok, responses, self.max_new_tokens, self.device)
-
-    def batch(self, prompts, responses):
-        """(prompt, prompt_mask, response, response_mask) of (prompt, response) texts."""
-        return (*self.prompts(prompts), *self.responses(responses))
-
-
-def gold_label(gold_diff, tau, flip, rng):
-    """The simulated annotator of a pair (a, b) whose gold difference is g(a) - g(b): returns True
-    if a is preferred. P(a > b) = sigmoid((g(a) - g(b)) / tau), then each label flips with
-    probability `flip` (AlpacaFarm-style extra noise)."""
-    diff = gold_diff / tau
-    a_wins = rng.random() < 1 / (1 + math.exp(-max(-50.0, min(50.0, diff))))
-    return a_wins != (rng.random() < flip)
 
 
 class DataError(ValueError):

@@ -8,12 +8,12 @@ from dataclasses import fields
 
 import torch
 
+from ..data.tasks import TASKS
+from ..data.tokenizer import gpt2_bpe
+from ..model import GPTConfig
+from ..ppo_trainer import round_weights
 from .checkpoint import load
 from .config import PRESETS, UsageError
-from .model import GPTConfig
-from .refinement import round_weights
-from .tasks import TASKS
-from .tokenizer import gpt2_bpe
 
 
 def validate(cfg, methods=None):

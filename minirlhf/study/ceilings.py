@@ -7,12 +7,12 @@ from dataclasses import replace
 
 import torch
 
-from . import seeds
-from .data import Codec, decode_responses
-from .evaluate import summarize
-from .ppo_trainer import train_ppo
-from .rm import bt_step, normalize_on, preference_data, rm_accuracy, train_reward_model
-from .runtime import write_summary
+from ..data.batches import Batcher, decode_responses
+from ..evaluate import summarize
+from ..plumbing import seeds
+from ..plumbing.runtime import write_summary
+from ..ppo_trainer import train_ppo
+from ..rm import fit_rm, normalize_on, preference_data, rm_accuracy
 
 
 class GoldReward:
@@ -50,13 +50,12 @@ def big_rm_ppo(cfg, source, sft, device, scale=10):
     (pairs of SFT samples, drawn and labelled the same way), then PPO on it with the same recipe
     and budget."""
     big_cfg = replace(cfg, rm_pairs=scale * cfg.rm_pairs)
-    codec = Codec.of(cfg, source.tokenizer, device)
-    train, _, held_clean, sft_samples = preference_data(sft, source, codec, big_cfg)
-    big = train_reward_model(sft, train, big_cfg, device, seed=cfg.seed + seeds.BIG_RM,
-                             step=bt_step(codec, cfg.grad_clip), desc="big-rm")
-    normalize_on(big, codec, [p for p, _, _ in train], sft_samples)
+    batcher = Batcher.of(cfg, source.tokenizer, device)
+    train, _, held_clean, sft_samples = preference_data(sft, source, batcher, big_cfg)
+    big = fit_rm(sft, train, big_cfg, batcher, seed=cfg.seed + seeds.BIG_RM, desc="big-rm")
+    normalize_on(big, batcher, [p for p, _, _ in train], sft_samples)
     _, history = train_ppo(cfg, source, sft, big, device, name="ppo_big_rm")
-    result = {"rm_after": {"held_out_acc_gold": rm_accuracy(big, codec, held_clean)},
+    result = {"rm_after": {"held_out_acc_gold": rm_accuracy(big, batcher, held_clean)},
               "rm_pairs": len(train), **summarize(history)}
     write_summary(cfg, "big-rm", result)
     print(f"big-rm: {len(train)} pairs, held-out accuracy "

@@ -18,6 +18,7 @@ class UsageError(ValueError):
 
 @dataclass
 class Run:
+    title = "run"  # the --help section of these options (no annotation: not an option)
     out_dir: str = "out"
     """Folder for checkpoints, metrics.jsonl and summary.json (shared by all stages of one run)."""
     task: str = "reviews"
@@ -59,6 +60,7 @@ class Run:
 
 @dataclass
 class Model:
+    title = "model and sampling"
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
@@ -85,6 +87,7 @@ class Model:
 
 @dataclass
 class SFT:
+    title = "SFT"
     sft_steps: int = 400
     """SFT optimizer steps."""
     sft_batch: int = 64
@@ -101,6 +104,7 @@ class SFT:
 
 @dataclass
 class RM:
+    title = "reward model"
     rm_pairs: int = 2000
     """Gold-labelled preference pairs of SFT samples for the proxy RM (the limited human budget)."""
     rm_epochs: int = 2
@@ -124,6 +128,7 @@ class RM:
 
 @dataclass
 class PPO:
+    title = "PPO"
     iters: int = 60
     """PPO iterations (one rollout batch each)."""
     rollout_batch: int = 64
@@ -169,6 +174,7 @@ class PPO:
 
 @dataclass
 class Refine:
+    title = "refinement (RLP, MetaRM)"
     refine_prompts: int = 256
     """Unlabelled prompts whose policy samples refine the RM (RLP's P, MetaRM's S_r)."""
     n_samples: int = 10
@@ -197,9 +203,10 @@ class Refine:
     meta_prompts: int = 8
     """MetaRM: prompts per meta batch X_s (k samples each)."""
     meta_eta: float = 1.0
-    """MetaRM: gradient-ascent step eta on J, from `refine.py --method=eta-sweep`
-    (||theta' - theta|| ~ 0.4-0.5 at 1.0; held-out accuracy within about one standard error of
-    eta = 0; see README). The paper's 5e-6 barely moves a model of our size."""
+    """MetaRM: gradient-ascent step eta on J: 1.0, and 0.01 under --preset=report, each the largest
+    eta whose RM's held-out accuracy stays within one standard error of eta = 0's in `refine.py
+    --method=eta-sweep` at that preset's size (ALGORITHMS.md §3). The paper's 5e-6 barely moves a
+    model of our size."""
     meta_temp_delta: float = 0.2
     """MetaRM: S_r is sampled at the PPO temperature plus this ('a little above')."""
     meta_second_order: bool = False
@@ -207,42 +214,6 @@ class Refine:
     ood: bool = False
     """MetaRM: draw the meta prompts and the PPO prompts from the task's OOD split (D stays
     in-distribution)."""
-
-
-@dataclass
-class Report:
-    seeds: int = 5
-    """Seeds per task (each: its own SFT, proxy RM and every method)."""
-    first_seed: int = 0
-    """The seeds run are first_seed .. first_seed + seeds - 1."""
-    methods: str = ""
-    """Comma-separated methods to run (e.g. the gate's pilot: ppo,control,oracle-iter,control-iter,
-    gold-ppo); empty = every method."""
-
-
-@dataclass
-class Bench:
-    sizes: str = "default,gpt2-small"
-    """The default table's model sizes, comma-separated: 'default' (the default preset's model),
-    'gpt2-small'."""
-    only: str = ""
-    """'' (the default table), 'ppo' or 'generate': one JSON line comparable with ../shared/peers'
-    TRL PPO and HF generate scripts."""
-    vocab: int = 256
-    """--only=ppo: vocabulary of the random-weight GPT-2 (--n_layer, --n_embd, --n_head size it)."""
-    batch: int = 64
-    """--only=ppo: prompts per iteration (minibatch: a quarter of them)."""
-    prompt_len: int = 16
-    """--only=ppo: prompt length (random tokens, no padding)."""
-    new_tokens: int = 48
-    """--only=ppo and generate: tokens sampled per row (no stop)."""
-    reps: int = 3
-    """--only=ppo: timed iterations; --only=generate: timed calls (each after one untimed)."""
-    weights: str = ""
-    """--only=generate: the folder `hf_generate.py --save_dir DIR` wrote (GPT-2 weights and
-    prompts.pt)."""
-    json: bool = False
-    """--only: print only the JSON line (the progress of the run goes nowhere)."""
 
 
 # ---- one config per script: its own group first, then the stages it runs first when their
@@ -272,24 +243,6 @@ class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
     'big-rm'."""
 
 
-@dataclass
-class ReportConfig(Report, Refine, PPO, RM, SFT, Model, Run):
-    out_dir: str = "out_report"
-    """Folder of results.json, cells/ and one subfolder per task (report.md, curves, one
-    folder per seed)."""
-    preset: str = "report"
-    """'report' (the multi-seed run on a CPU), 'smoke' (seconds), 'default' or 'gpu'."""
-
-
-@dataclass
-class BenchConfig(Bench, PPO, SFT, Model, Run):
-    pass
-
-
-GROUPS = (("run", Run), ("model and sampling", Model), ("SFT", SFT), ("reward model", RM),
-          ("PPO", PPO), ("refinement (RLP, MetaRM)", Refine), ("report", Report),
-          ("benchmark", Bench))
-
 # Fields that shape a stage's checkpoint (a checkpoint records them; reusing it under other values
 # is an error). The rest only say how a run is carried out or judged (device, threads, evaluation
 # sizes, PPO's length), or, for an ensemble, how many members there are (member k is the same RM
@@ -318,7 +271,7 @@ PRESETS = {
     "default": {},
     # experiments.py's multi-seed report on 2 CPU cores: half the rollout (same optimizer steps per
     # iteration), 40 iterations, a scarce human budget D of 300 pairs (with 1,000, retraining alone
-    # held the iterated control up and on-policy labels had little room: README, "The gate"). The
+    # held the iterated control up and on-policy labels had little room: docs/protocol.md). The
     # v2 evaluation: 512 held-out prompts x 2 samples, every iteration below 6 (low KL), then
     # every 5; 8 rounds of 3, 3, 5, 6, 6, 6, 5, 6 iterations. MetaRM's eta by the sweep rule on
     # tuning seeds 102-109 of both tasks (results/pilot/tuning/README.md).
@@ -354,7 +307,8 @@ def field_docs(cls):
 def print_help(cls, script):
     """The script's options, grouped by stage, its own stage first, with the
     defaults it really uses."""
-    docs, defaults, titles = field_docs(cls), parse_args([], cls), {g: t for t, g in GROUPS}
+    docs, defaults = field_docs(cls), parse_args([], cls)
+    titles = {g: g.title for g in cls.__mro__ if "title" in vars(g)}
     grouped = {f.name for g in titles for f in fields(g)}
     print(f"usage: python {script} [--key=value ...]   "
           "(values are Python literals; a bare word is a string)")

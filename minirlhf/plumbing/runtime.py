@@ -12,10 +12,10 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from ..data.hh import DataError
 from . import dist
 from .checkpoint import atomic_write_json
 from .config import UsageError, parse_args, print_help
-from .data import DataError
 
 
 def setup(cfg):

@@ -13,12 +13,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .data import encode_prompts
-from .generate import generate, generate_no_cache, left_pad, sequence_logprobs
-from .model import GPT, GPTConfig, ScalarModel
-from .ppo_trainer import ppo_update, rollout
-from .runtime import adamw
-from .tasks import get_task
+from ..data.batches import encode_prompts
+from ..data.tasks import get_task
+from ..generate import generate, generate_no_cache, left_pad, sequence_logprobs
+from ..model import GPT, GPTConfig, ScalarModel
+from ..plumbing.runtime import adamw
+from ..ppo_trainer import ppo_update, rollout
 
 SIZES = {"default": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=64, n_positions=64),
          "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)}
