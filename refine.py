@@ -22,10 +22,15 @@
 Reuses out_dir's SFT policy and proxy RM when present (trains them otherwise); the one-shot RLP
 methods also reuse (or train) its vanilla PPO policy, ppo.pt.
 """
+import copy
+import os
+
 from minirlhf.metarm import META_METHODS, eta_sweep, meta_rounds
 from minirlhf.pipeline import prepare_rl
 from minirlhf.plumbing import dist
+from minirlhf.plumbing.checkpoint import load
 from minirlhf.plumbing.config import RefineConfig, UsageError
+from minirlhf.plumbing.export import export_policy
 from minirlhf.plumbing.runtime import main
 from minirlhf.plumbing.validate import validate
 from minirlhf.rlp import RLP_METHODS, rlp_round
@@ -39,22 +44,45 @@ METHODS = (*RLP_METHODS, *ITERATED_METHODS, *sorted(META_METHODS), "eta-sweep", 
 
 def run(cfg):
     device, source, sft, rm = prepare_rl(cfg)
+    if cfg.export_sft:
+        export_policy(sft, source.tokenizer, cfg.export_sft, cfg)
     prefs = load_preferences(cfg.out_dir)
     if cfg.method in RLP_METHODS:
-        return rlp_round(cfg, cfg.method, source, sft, rm, prefs, device)
-    if cfg.method in ITERATED_METHODS:
-        return iterated_rounds(cfg, cfg.method, source, sft, rm, prefs, device)
-    if cfg.method in META_METHODS:
-        return meta_rounds(cfg, cfg.method, source, sft, prefs, device)
-    if cfg.method == "gold-ppo":
-        return gold_ppo(cfg, source, sft, rm, prefs, device)
-    if cfg.method == "big-rm":
-        return big_rm_ppo(cfg, source, sft, device)
-    return eta_sweep(cfg, source, sft, prefs, device)
+        result = rlp_round(cfg, cfg.method, source, sft, rm, prefs, device)
+    elif cfg.method in ITERATED_METHODS:
+        result = iterated_rounds(cfg, cfg.method, source, sft, rm, prefs, device)
+    elif cfg.method in META_METHODS:
+        result = meta_rounds(cfg, cfg.method, source, sft, prefs, device)
+    elif cfg.method == "gold-ppo":
+        result = gold_ppo(cfg, source, sft, rm, prefs, device)
+    elif cfg.method == "big-rm":
+        result = big_rm_ppo(cfg, source, sft, device)
+    else:
+        return eta_sweep(cfg, source, sft, prefs, device)
+    if cfg.export:
+        policy = copy.deepcopy(sft)
+        policy.load_state_dict(load(final_checkpoint(cfg), fields=("policy",))["policy"])
+        export_policy(policy, source.tokenizer, cfg.export, cfg)
+    return result
+
+
+def final_checkpoint(cfg):
+    """The checkpoint of the method's last PPO run, which holds its final policy: as rlp_round,
+    ppo_round (a run of rounds' last round) and the ceilings name their PPO runs."""
+    if cfg.method in RLP_METHODS:
+        name = f"ppo_{cfg.method}"
+    elif cfg.method in ITERATED_METHODS or cfg.method in META_METHODS:
+        name = f"{cfg.method}_r{cfg.rounds}"
+    else:
+        name = {"gold-ppo": "ppo_gold", "big-rm": "ppo_big_rm"}[cfg.method]
+    return os.path.join(cfg.out_dir, name + ".pt")
 
 
 def check(cfg):
     validate(cfg, methods=METHODS)
+    if cfg.method == "eta-sweep" and cfg.export:
+        raise UsageError(f"--export={cfg.export!r}: --method=eta-sweep trains RMs, no policy "
+                         "(--export_sft writes the SFT policy)")
     if dist.under_torchrun():
         raise UsageError("refine.py runs on one process (not under torchrun): torchrun runs "
                          "train_sft.py, train_rm.py and train_ppo.py")

@@ -8,7 +8,9 @@
 Writes out_dir/sft.pt, tokenizer.json, metrics.jsonl and summary.json.
 """
 from minirlhf.data.sources import get_source
-from minirlhf.plumbing.config import SFTConfig
+from minirlhf.plumbing import dist
+from minirlhf.plumbing.config import SFTConfig, UsageError
+from minirlhf.plumbing.export import export_policy
 from minirlhf.plumbing.runtime import main, setup
 from minirlhf.plumbing.validate import validate
 from minirlhf.sft import train_sft
@@ -16,8 +18,18 @@ from minirlhf.sft import train_sft
 
 def run(cfg):
     device = setup(cfg)
-    train_sft(cfg, get_source(cfg, new_sft=True), device)
+    source = get_source(cfg, new_sft=True)
+    policy = train_sft(cfg, source, device)
+    if cfg.export and dist.is_main():
+        export_policy(policy, source.tokenizer, cfg.export, cfg)
+
+
+def check(cfg):
+    validate(cfg)
+    if cfg.export_sft:
+        raise UsageError(f"--export_sft={cfg.export_sft!r}: is for train_ppo.py and refine.py; "
+                         "train_sft.py's --export writes its SFT policy")
 
 
 if __name__ == "__main__":
-    main(run, SFTConfig, validate)
+    main(run, SFTConfig, check)

@@ -213,22 +213,29 @@ class GPT(nn.Module):
     # to and from nn.Linear.
     _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-    def save_pretrained(self, folder):
-        """Write `config.json` + `pytorch_model.bin` in Hugging Face's GPT-2 layout."""
+    def save_pretrained(self, folder, weights="bin", token_ids=None):
+        """Write `config.json` and the weights in Hugging Face's GPT-2 layout: `pytorch_model.bin`,
+        or with weights="safetensors" `model.safetensors` (needs the optional safetensors).
+        `token_ids` ({bos,eos,pad}_token_id) are the tokenizer's, which the model does not know:
+        without them they are None (transformers' GPT-2 default, 50256, is outside a small
+        vocabulary and warns)."""
         os.makedirs(folder, exist_ok=True)
         hf_cfg = dict(model_type="gpt2", architectures=["GPT2LMHeadModel"],
                       activation_function="gelu_new", n_ctx=self.cfg.n_positions,
                       **{k: v for k, v in asdict(self.cfg).items() if k != "dropout"},
                       resid_pdrop=self.cfg.dropout, embd_pdrop=self.cfg.dropout,
-                      attn_pdrop=self.cfg.dropout,
-                      # the ids are the tokenizer's, which the model does not know; transformers'
-                      # GPT-2 default (50256) is outside a small vocabulary and warns
-                      bos_token_id=None, eos_token_id=None)
+                      attn_pdrop=self.cfg.dropout, tie_word_embeddings=True,
+                      **(token_ids or dict(bos_token_id=None, eos_token_id=None)))
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         sd = {k: (v.t() if k.endswith(self._CONV1D) else v).contiguous()
               for k, v in self.state_dict().items()}
-        atomic_save(sd, os.path.join(folder, "pytorch_model.bin"))
+        if weights == "safetensors":
+            from safetensors.torch import save_file  # optional dependency, only for this format
+            del sd["lm_head.weight"]  # tied to wte (config.json says so): stored once
+            save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            atomic_save(sd, os.path.join(folder, "pytorch_model.bin"))
 
     @classmethod
     def from_pretrained(cls, folder, dropout=0.0):

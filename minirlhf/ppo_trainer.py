@@ -227,7 +227,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segmen
         kl_ctl.value, start, judge.history = ck["kl_coef"], ck["iter"], ck["history"]
         print(f"resumed {ckpt_path} at iteration {start}")
     # rows after the checkpoint: replayed
-    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter")
+    metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter",
+                      tensorboard=cfg.tensorboard)
     bar = tqdm(range(start, cfg.iters), desc=name, mininterval=1.0, initial=start, total=cfg.iters,
                disable=not dist.is_main())
     for it in bar:

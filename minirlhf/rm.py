@@ -250,7 +250,8 @@ def train_rm(cfg, source, sft, device):
                            norm_prompts=norm_prompts, sft_samples=sft_samples),
                       os.path.join(cfg.out_dir, "preferences.json"))
     print(f"RM: {len(train)} training pairs, {len(held_noisy)} held-out pairs")
-    metrics, results, rms = Metrics(cfg.out_dir, "rm"), [], []
+    metrics = Metrics(cfg.out_dir, "rm", step_key="member", tensorboard=cfg.tensorboard)
+    results, rms = [], []
     for k, path in enumerate(rm_paths(cfg.out_dir, cfg.ensemble)):
         rm = fit_rm(sft, train, cfg, batcher, seed=cfg.seed + seeds.RM_MEMBER * k, desc=f"rm{k}")
         res = {"held_out_acc_noisy": rm_accuracy(rm, batcher, held_noisy)}

@@ -65,7 +65,7 @@ def train_sft(cfg, source, device):
         opt.load_state_dict(state["opt"])
         start = state["step"]
         print(f"resumed {state_path} at step {start}")
-    metrics = Metrics(cfg.out_dir, "sft", keep_steps=start)
+    metrics = Metrics(cfg.out_dir, "sft", keep_steps=start, tensorboard=cfg.tensorboard)
     model.train()
     for step in tqdm(range(start, cfg.sft_steps), desc="sft", mininterval=1.0, initial=start,
                      total=cfg.sft_steps, disable=not dist.is_main()):

@@ -105,6 +105,15 @@ def trained(tmp_path_factory):
     ("bench.py", ["--only=ppo", "--vocab=2"], "--vocab=2: must be >= 3"),
     ("bench.py", ["--only=ppo", "--device=cpu"], "--device='cpu': bench.py does not use it with --only=ppo"),
     ("refine.py", ["--data=README.md", "--gold_rm=README.md"], "--gold_rm='README.md': README.md: corrupt or truncated checkpoint"),
+    ("train_ppo.py", ["--export=minirlhf"], "--export='minirlhf': exists and is not an empty folder"),
+    ("train_sft.py", ["--export=README.md"], "--export='README.md': exists and is not an empty folder"),
+    ("refine.py", ["--export=README.md/tuned"], f"--export='README.md/tuned': {ROOT}/README.md is a file, not a folder"),
+    ("train_ppo.py", ["--export_sft=docs"], "--export_sft='docs': exists and is not an empty folder"),
+    ("train_ppo.py", ["--export=x", "--export_sft=x"], "--export_sft='x': is the --export folder too"),
+    ("train_ppo.py", ["--method=bon", "--export=x"], "--export='x': --method=bon trains no policy"),
+    ("refine.py", ["--method=eta-sweep", "--export=x"], "--export='x': --method=eta-sweep trains RMs, no policy"),
+    ("train_sft.py", ["--export_sft=x"], "--export_sft='x': is for train_ppo.py and refine.py"),
+    ("train_rm.py", ["--export=x"], "unknown option --export for this script"),
 ])
 def test_bad_option_is_one_line_exit_2_before_any_work(tmp_path, script_name, args, message):
     fails([script_name, "--preset=smoke", *args], 2, f"error: {message}", tmp_path / "out")

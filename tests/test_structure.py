@@ -6,7 +6,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "minirlhf")
-SCRIPTS = ("train_sft", "train_rm", "train_ppo", "refine", "experiments", "bench")
+SCRIPTS = ("train_sft", "train_rm", "train_ppo", "refine", "experiments", "bench", "curves")
 OUTSIDE_THE_CORE = ("minirlhf.study", "minirlhf.bench")
 
 

@@ -56,6 +56,9 @@ class Run:
     byte-level BPE on the file."""
     bpe_vocab: int = 4096
     """With --data and no --tokenizer: vocabulary size of the BPE trained on the file."""
+    tensorboard: bool = False
+    """Also log every metric (the names of metrics.jsonl) to out_dir/tensorboard/<stage>, for
+    `tensorboard --logdir=out_dir/tensorboard` (needs the optional tensorboard package)."""
 
 
 @dataclass
@@ -216,10 +219,22 @@ class Refine:
     in-distribution)."""
 
 
+@dataclass
+class Export:
+    title = "export"
+    export: str = ""
+    """Write the trained policy (train_sft.py: the SFT policy; train_ppo.py, refine.py: the final
+    one) to this new or empty folder as a Hugging Face GPT-2 model with its tokenizer, which
+    `transformers` loads with no minirlhf installed."""
+    export_sft: str = ""
+    """train_ppo.py, refine.py: also write the SFT policy they started from to this folder, the
+    same way."""
+
+
 # ---- one config per script: its own group first, then the stages it runs first when their
 # outputs are missing
 @dataclass
-class SFTConfig(SFT, Model, Run):
+class SFTConfig(SFT, Model, Run, Export):
     pass
 
 
@@ -229,13 +244,13 @@ class RMConfig(RM, SFT, Model, Run):
 
 
 @dataclass
-class PPOConfig(PPO, RM, SFT, Model, Run):
+class PPOConfig(PPO, RM, SFT, Model, Run, Export):
     method: str = "ppo"
     """'ppo' (PPO against the proxy RM) or 'bon' (the best-of-n curve against it)."""
 
 
 @dataclass
-class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
+class RefineConfig(Refine, PPO, RM, SFT, Model, Run, Export):
     method: str = "uml"
     """'uml', 'spg', 'uml+spg', 'oracle', 'control' (one RLP round each, the paper's protocol), the
     same with '-iter' (on-policy rounds; 'oracle-iter' labels all pairs cleanly), 'metarm',
@@ -249,7 +264,7 @@ class RefineConfig(Refine, PPO, RM, SFT, Model, Run):
 # whatever their number).
 NOT_SHAPING = {"out_dir", "device", "bf16", "threads", "resume", "reuse", "ckpt_every", "preset",
                "eval_prompts", "iters", "eval_every", "eval_dense", "sample_every", "bon_max",
-               "method", "ensemble", "ensemble_agg"}
+               "method", "ensemble", "ensemble_agg", "tensorboard", "export", "export_sft"}
 STAGE_GROUPS = {"sft": (Run, Model, SFT), "rm": (Run, Model, SFT, RM),
                 "ppo": (Run, Model, SFT, RM, PPO)}
 
@@ -353,7 +368,7 @@ def parse_args(argv=None, cls=PPOConfig):
         except (ValueError, SyntaxError):
             value = raw  # a bare word is a string: --task=arith
         overrides[key] = _check_type(key, value, types[key])
-    preset = overrides.get("preset", cls.preset)
+    preset = overrides.get("preset", getattr(cls, "preset", "default"))
     if preset not in PRESETS:
         raise UsageError(f"--preset={preset!r}: expected one of {sorted(PRESETS)}")
     return replace(cls(), **{**{k: v for k, v in PRESETS[preset].items() if k in types},

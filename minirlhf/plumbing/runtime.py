@@ -152,16 +152,22 @@ class Metrics:
     """One metrics file per run, out_dir/metrics.jsonl: a JSON object per line, tagged with its
     stage ('sft', 'rm', 'ppo', 'ppo_uml', ...). A stage that starts fresh drops its own earlier
     rows; a resumed stage keeps the rows before its checkpoint (`keep_steps`) and replays the
-    rest. Rank 0 only."""
+    rest. With `tensorboard`, every number is also a scalar of out_dir/tensorboard/<stage>, under
+    the same name, at the row's `step_key`. Rank 0 only."""
 
-    def __init__(self, out_dir, stage, keep_steps=0, step_key="step"):
+    def __init__(self, out_dir, stage, keep_steps=0, step_key="step", tensorboard=False):
         os.makedirs(out_dir, exist_ok=True)
-        self.path, self.stage = os.path.join(out_dir, "metrics.jsonl"), stage
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.stage, self.step_key = stage, step_key
         if os.path.exists(self.path) and dist.is_main():
             rows = [r for r in read_jsonl(self.path)
                     if r["stage"] != stage or r.get(step_key, 0) < keep_steps]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.board = None
+        if tensorboard and dist.is_main():
+            from torch.utils.tensorboard import SummaryWriter  # optional: validate checked it
+            self.board = SummaryWriter(os.path.join(out_dir, "tensorboard", stage))
 
     def log(self, **row):
         if not dist.is_main():
@@ -170,6 +176,11 @@ class Metrics:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v)
                                 for k, v in row.items()}) + "\n")
+        if self.board is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != self.step_key:
+                    self.board.add_scalar(k, v, row.get(self.step_key, 0))
+            self.board.flush()  # a person watches it while the run goes on
 
     def rows(self):
         """This stage's rows so far."""

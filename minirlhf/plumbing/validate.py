@@ -1,5 +1,6 @@
 """Every option checked before any work starts: a bad one is a UsageError naming it (exit
 code 2, in seconds)."""
+import importlib
 import json
 import math
 import os
@@ -32,10 +33,24 @@ def validate(cfg, methods=None):
     need(cfg.out_dir.strip() != "", "out_dir", "must name a folder")
     need(not os.path.exists(cfg.out_dir) or os.path.isdir(cfg.out_dir), "out_dir",
          "exists and is not a folder")
-    above = os.path.dirname(os.path.abspath(cfg.out_dir))
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
+    above = existing_ancestor(os.path.dirname(os.path.abspath(cfg.out_dir)))
     need(os.path.isdir(above), "out_dir", f"{above} is a file, not a folder")
+    for option in ("export", "export_sft"):  # checked now: the export comes after all the work
+        folder = getattr(cfg, option, "")
+        if folder:
+            need(not os.path.exists(folder) or os.path.isdir(folder) and not os.listdir(folder),
+                 option, "exists and is not an empty folder (an export overwrites nothing)")
+            above = existing_ancestor(os.path.abspath(folder))
+            need(os.path.isdir(above), option, f"{above} is a file, not a folder")
+            need(os.access(above, os.W_OK), option, f"{above} is not writable")
+    need(not getattr(cfg, "export_sft", "") or os.path.abspath(cfg.export_sft) !=
+         os.path.abspath(cfg.export or "."), "export_sft", "is the --export folder too")
+    if cfg.tensorboard:
+        try:  # torch's writer needs the optional tensorboard package
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise UsageError("--tensorboard=True: needs the optional tensorboard package "
+                             "(pip install tensorboard)") from None
     need(0 <= cfg.seed < 2 ** 32, "seed", "must be in [0, 2**32)")
     need(cfg.task in TASKS, "task", f"expected one of {sorted(TASKS)}")
     need(cfg.preset in PRESETS, "preset", f"expected one of {sorted(PRESETS)}")
@@ -141,6 +156,13 @@ def validate(cfg, methods=None):
             gpt2_bpe(*(os.path.join(cfg.tokenizer, n) for n in ("vocab.json", "merges.txt")))
         except (ValueError, UnicodeDecodeError) as e:
             raise UsageError(f"--tokenizer={cfg.tokenizer!r}: {e}") from None
+
+
+def existing_ancestor(path):
+    """`path`, or its nearest folder above that exists."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def json_object(cfg, option, name, kind):

@@ -96,7 +96,7 @@ def six_digits(x):
 
 # options that say which cells run, where and how fast, or what is printed: not what a cell computes
 NOT_SETTINGS = {"out_dir", "device", "threads", "resume", "reuse", "ckpt_every", "preset", "seeds",
-                "first_seed", "methods", "sample_every"}
+                "first_seed", "methods", "sample_every", "tensorboard"}
 
 
 def settings(cfg):
