@@ -33,6 +33,7 @@ from minirlhf.plumbing.config import RefineConfig, UsageError
 from minirlhf.plumbing.export import export_policy
 from minirlhf.plumbing.runtime import main
 from minirlhf.plumbing.validate import validate
+from minirlhf.ppo_trainer import check_vanilla_ppo
 from minirlhf.rlp import RLP_METHODS, rlp_round
 from minirlhf.rm import load_preferences
 from minirlhf.study.ceilings import big_rm_ppo, gold_ppo
@@ -80,6 +81,8 @@ def final_checkpoint(cfg):
 
 def check(cfg):
     validate(cfg, methods=METHODS)
+    if cfg.method in RLP_METHODS:  # read now: they reuse out_dir's vanilla PPO after SFT and the RM
+        check_vanilla_ppo(cfg)
     if cfg.method == "eta-sweep" and cfg.export:
         raise UsageError(f"--export={cfg.export!r}: --method=eta-sweep trains RMs, no policy "
                          "(--export_sft writes the SFT policy)")

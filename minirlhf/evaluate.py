@@ -6,28 +6,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.batches import decode_responses
-from .data.tokenizer import EOS
-from .generate import generate, sequence_logprobs
+from .generate import generate, sampled_responses, sequence_logprobs
 
 
 @torch.no_grad()
-def rollout_texts(policy, ref, rm, batcher, prompts, temperature, generator, batch=256):
-    """Sample one response per prompt; returns texts, proxy scores, KL to ref
-    (sum of k1 over tokens; 0 with ref=None, for callers that read no KL) and lengths, as numpy
-    arrays (texts a list)."""
+def sample_and_score(policy, ref, rm, batcher, prompts, temperature, generator, batch=256):
+    """Sample one response per prompt; returns the responses (token ids, as sampled), proxy scores,
+    KL to ref (sum of k1 over tokens; 0 with ref=None, for callers that read no KL) and lengths,
+    as numpy arrays (the responses a list)."""
     tok = batcher.tok
-    texts, proxy, kl, length = [], [], [], []
+    responses, proxy, kl, length = [], [], [], []
     for i in range(0, len(prompts), batch):
         p, pm = batcher.prompts(prompts[i:i + batch])
         r, logp, rmask = generate(policy, p, pm, batcher.max_new_tokens, tok.eos_id, tok.pad_id,
                                   temperature=temperature, generator=generator)
         ref_logp = logp if ref is None else sequence_logprobs(ref, p, pm, r, rmask, temperature)
-        texts += decode_responses(tok, r, rmask)
+        responses += sampled_responses(r, rmask)
         proxy.append(rm.score(p, pm, r, rmask).float().cpu())
         kl.append(((logp - ref_logp) * rmask).sum(-1).cpu())
         length.append(rmask.sum(-1).cpu())
-    return texts, torch.cat(proxy).numpy(), torch.cat(kl).numpy(), torch.cat(length).numpy()
+    return responses, torch.cat(proxy).numpy(), torch.cat(kl).numpy(), torch.cat(length).numpy()
 
 
 def win_tie_lose(gold, baseline_gold):
@@ -44,10 +42,10 @@ def evaluate(policy, ref, rm, task, batcher, prompts, sft_gold, temperature, gen
     the win-rate use both samples (each compared with the baseline); the pair of them measures
     how well the proxy ranks the policy's own samples. Returns a flat dict of metrics; the RM is
     normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
-    a, proxy_a, kl_a, len_a = rollout_texts(policy, ref, rm, batcher, prompts, temperature,
-                                            generator)
-    b, proxy_b, kl_b, len_b = rollout_texts(policy, ref, rm, batcher, prompts, temperature,
-                                            generator)
+    a, proxy_a, kl_a, len_a = sample_and_score(policy, ref, rm, batcher, prompts, temperature,
+                                               generator)
+    b, proxy_b, kl_b, len_b = sample_and_score(policy, ref, rm, batcher, prompts, temperature,
+                                               generator)
     gold_a, gold_b = np.array(task.golds(prompts, a)), np.array(task.golds(prompts, b))
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
     rm_acc = (float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any()
@@ -56,7 +54,7 @@ def evaluate(policy, ref, rm, task, batcher, prompts, sft_gold, temperature, gen
                                               win_tie_lose(gold_b, sft_gold).values())}
     return {"eval/gold": both(gold_a, gold_b), "eval/proxy": both(proxy_a, proxy_b),
             "eval/kl": both(kl_a, kl_b), "eval/length": both(len_a, len_b),
-            "eval/eos_rate": float(np.mean([y.endswith(EOS) for y in a + b])),
+            "eval/eos_rate": float(np.mean([y[-1:] == (batcher.tok.eos_id,) for y in a + b])),
             "eval/win_rate": wtl["win_rate"], "eval/win": wtl["win"], "eval/tie": wtl["tie"],
             "eval/lose": wtl["lose"], "eval/rm_acc_policy_pairs": rm_acc,
             "eval/proxy_gold_corr": _corr(np.concatenate([proxy_a, proxy_b]),
@@ -64,7 +62,8 @@ def evaluate(policy, ref, rm, task, batcher, prompts, sft_gold, temperature, gen
             "eval/proxy_diff_std": float(np.std(proxy_a - proxy_b)),
             "eval/gold_diff_std": float(np.std(gold_a - gold_b)),
             "gold_per_prompt": ((gold_a + gold_b) / 2).tolist(),
-            "samples": list(zip(prompts[:8], a[:8], proxy_a[:8].tolist(), gold_a[:8].tolist()))}
+            "samples": list(zip(prompts[:8], map(batcher.tok.text, a[:8]), proxy_a[:8].tolist(),
+                                gold_a[:8].tolist()))}
 
 
 def both(x, y):
@@ -107,9 +106,10 @@ def best_of_n(sft, rm, task, batcher, prompts, temperature, generator, n_max):
     {n, kl, gold, proxy}."""
     proxy, gold = [], []
     for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
-        texts, s, _, _ = rollout_texts(sft, None, rm, batcher, prompts, temperature, generator)
+        responses, s, _, _ = sample_and_score(sft, None, rm, batcher, prompts, temperature,
+                                              generator)
         proxy.append(s)
-        gold.append(task.golds(prompts, texts))
+        gold.append(task.golds(prompts, responses))
     proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]
     return [{"n": n, "kl": kl, "gold": g, "proxy": pc[2]}

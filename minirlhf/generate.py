@@ -122,20 +122,27 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
 
 
 @torch.no_grad()
-def sample_texts(model, batcher, prompts, temperature, generator=None):
-    """The model's response texts to prompt texts (a data.batches.Batcher encodes and decodes them):
-    pure sampling at `temperature`, EOS kept where the response finished."""
+def sample_responses(model, batcher, prompts, temperature, generator=None):
+    """The model's responses to prompt texts (a data.batches.Batcher encodes them), pure sampling
+    at `temperature`: each the tuple of token ids it was sampled as, EOS included where it
+    finished (tokenizer.Tokenizer.text reads it)."""
     prompt, prompt_mask = batcher.prompts(prompts)
     response, _, mask = generate(model, prompt, prompt_mask, batcher.max_new_tokens,
                                  batcher.tok.eos_id, batcher.tok.pad_id, temperature=temperature,
                                  generator=generator)
-    return batcher.decode(response, mask)
+    return sampled_responses(response, mask)
+
+
+def sampled_responses(response, mask):
+    """Each row of a sampled batch (B, N) as the tuple of its token ids, EOS included where it
+    finished and padding dropped: the form every later stage scores (encode_responses)."""
+    return [tuple(r[m.bool()].tolist()) for r, m in zip(response.cpu(), mask.cpu())]
 
 
 def policy_samples(policy, batcher, prompts, n, temperature, generator):
-    """n samples per prompt, drawn in one batch: a list (per prompt) of n response texts."""
-    flat = sample_texts(policy, batcher, [p for p in prompts for _ in range(n)], temperature,
-                        generator)
+    """n samples per prompt, drawn in one batch: a list (per prompt) of n responses."""
+    flat = sample_responses(policy, batcher, [p for p in prompts for _ in range(n)], temperature,
+                            generator)
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 

@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from . import ppo
 from .data.batches import Batcher
-from .evaluate import best_of_n, evaluate, rollout_texts, summarize
+from .evaluate import best_of_n, evaluate, sample_and_score, summarize
 from .generate import generate, sequence_logprobs
 from .plumbing import dist, seeds
 from .plumbing.checkpoint import atomic_save, load
-from .plumbing.config import made_with
+from .plumbing.config import UsageError, made_with
 from .plumbing.runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, print_table,
                                write_summary)
 
@@ -167,7 +167,7 @@ class GoldJudge:
                                            segment.eval_split)
         # the baseline's stream is fixed, so a resumed run gets the same
         gen = iteration_rng(cfg.seed, seeds.BASELINE_ITER, device, seeds.WIN_RATE_BASELINE)[1]
-        self.sft_gold = (np.array(task.golds(self.prompts, rollout_texts(
+        self.sft_gold = (np.array(task.golds(self.prompts, sample_and_score(
             ref, None, rm, batcher, self.prompts, cfg.temperature, gen)[0]))
             if dist.is_main() else None)
 
@@ -261,10 +261,11 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segmen
 # ---- runs of rounds (MetaRM, the iterated refinements) and best-of-n
 def ensure_ppo(cfg, source, sft, rm, device):
     """The vanilla PPO policy of out_dir (ppo.pt): trained first (and its summary recorded) when
-    missing or shorter than cfg.iters."""
+    missing or shorter than cfg.iters; one longer than cfg.iters is refused (check_vanilla_ppo)."""
     path = os.path.join(cfg.out_dir, "ppo.pt")
     ck = (load(path, expect=None if cfg.reuse else made_with(cfg, "ppo"), fields=("policy", "iter"))
           if os.path.exists(path) else None)
+    check_vanilla_ppo(cfg, ck)
     if ck is None or ck["iter"] < cfg.iters:
         policy, history = train_ppo(cfg, source, sft, rm, device)
         write_summary(cfg, "ppo", summarize(history))
@@ -272,6 +273,18 @@ def ensure_ppo(cfg, source, sft, rm, device):
     policy = copy.deepcopy(sft)
     policy.load_state_dict(ck["policy"])
     return policy.eval()
+
+
+def check_vanilla_ppo(cfg, ck=None):
+    """A refinement's PPO is compared with vanilla PPO at equal budget: a vanilla policy of out_dir
+    that ran more iterations than cfg.iters is refused (a shorter one is trained on)."""
+    path = os.path.join(cfg.out_dir, "ppo.pt")
+    if ck is None and os.path.exists(path):
+        ck = load(path, fields=("iter",))
+    if ck is not None and ck["iter"] > cfg.iters:
+        raise UsageError(f"--iters={cfg.iters}: {path} is a vanilla PPO policy of {ck['iter']} "
+                         f"iterations, which the refined RM's {cfg.iters} would be compared with: "
+                         f"pass --iters={ck['iter']}, or another --out_dir")
 
 
 def round_weights(rounds):

@@ -26,7 +26,8 @@ from .data.batches import Batcher
 from .evaluate import summarize
 from .generate import policy_samples
 from .plumbing import seeds
-from .plumbing.runtime import autocast, clip_and_check, print_table, read_summary, write_summary
+from .plumbing.runtime import (Metrics, autocast, clip_and_check, print_table, read_summary,
+                               write_summary)
 from .ppo_trainer import ensure_ppo, train_ppo
 from .reward import bt_loss
 from .rm import (RMLoop, clean_labelled, fit_rm, gold_labelled, held_out_policy_pairs, new_rm,
@@ -91,7 +92,7 @@ def mib_loss(head, h1, h2, beta=1.0):
 # ---- RLP-SPG: synthetic preferences from self-consistency (ALGORITHMS.md §2.2)
 def synthetic_preferences(prompts, samples, keys, scores, gamma, rng, golds=None,
                           rank_by="cluster"):
-    """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n texts), their semantic keys[i]
+    """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n responses), their semantic keys[i]
     and current-RM scores scores[i]:
       1. group samples with equal keys; confidence = |largest group| / n
          (ties: the group met first);
@@ -178,7 +179,9 @@ def all_clean_pairs(task, prompts, samples, rng):
     that a cut (--oracle_pairs) still covers every prompt instead of the first few."""
     per_prompt = []
     for p, ys in zip(prompts, samples):
-        pairs = [(p, a, b) for a, b in itertools.combinations(sorted(set(ys)), 2)]
+        # in a fixed order, by their texts, whatever form the responses take
+        distinct = sorted(set(ys), key=task.text)
+        pairs = [(p, a, b) for a, b in itertools.combinations(distinct, 2)]
         per_prompt.append(rng.sample(pairs, len(pairs)))
     dealt = [pair for layer in itertools.zip_longest(*per_prompt) for pair in layer if pair]
     return clean_labelled(task, dealt)
@@ -186,7 +189,7 @@ def all_clean_pairs(task, prompts, samples, rng):
 
 def added_pairs(cfg, method, task, batcher, rm, prompts, samples, rng):
     """Step 3 of a round: the pairs `method` adds to D from the policy samples (`samples[i]`, n
-    texts of prompts[i]), and its statistics. SPG ranks by `rm`, the RM in use so far."""
+    responses of prompts[i]), and its statistics. SPG ranks by `rm`, the RM in use so far."""
     if method.spg:
         keys = semantic_keys(task, rm, batcher, prompts, samples)
         scores = rm_scores(rm, batcher, prompts, samples)
@@ -237,13 +240,16 @@ def uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs, steps_
            init=None, desc="rm"):
     """RLP-UML's RM (RLP Eq. 1): each step, the BT loss on a batch of `pairs` plus uml_lambda * L_M
     on as many view pairs of the policy samples. The bottleneck head (MIBHead) trains beside the RM
-    and is thrown away: the reward head never reads z."""
+    and is thrown away: the reward head never reads z. Every step's terms (the BT loss, the MI
+    estimate, the symmetric KL, L_M) are rows of metrics.jsonl, stage rm_<desc>: whether L_M does
+    anything shows there."""
     views = uml_views(prompts, samples)
     torch.manual_seed(seed)  # the head's init derives from the seed alone, like the RM's
     head = MIBHead(sft.cfg.n_embd, cfg.z_dim)
     rm = new_rm(sft, cfg, batcher.device, seed, init)
     params = list(rm.parameters()) + list(head.to(batcher.device).train().parameters())
     loop = RMLoop(params, pairs, cfg, seed, epochs, steps_per_epoch, desc)
+    metrics = Metrics(cfg.out_dir, "rm_" + desc.replace(" ", "_"), tensorboard=cfg.tensorboard)
     for batch in loop:
         with autocast(cfg, batcher.device):
             # the BT loss on the batch of labelled pairs
@@ -251,16 +257,19 @@ def uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs, steps_
             loss_r = bt_loss(rc, rr)
             # as many prompts' two views: two different samples of one prompt
             chosen = rng.sample(views, min(len(views), len(batch)))
-            v1, v2 = zip(*(rng.sample(sorted(set(ys)), 2) for _, ys in chosen))
+            v1, v2 = zip(*(rng.sample(sorted(set(ys), key=batcher.tok.text), 2)
+                           for _, ys in chosen))
             _, h = rm.score(*batcher.batch([p for p, _ in chosen] * 2, list(v1) + list(v2)),
                             return_hidden=True)  # (2B, C): the RM's features of both views
-            loss_m, _ = mib_loss(head, *h.chunk(2), beta=cfg.mib_beta)
+            loss_m, terms = mib_loss(head, *h.chunk(2), beta=cfg.mib_beta)
             loss = loss_r + cfg.uml_lambda * loss_m
             loop.opt.zero_grad(set_to_none=True)
             loss.backward()
             clip_and_check(params, cfg.grad_clip, "RM (UML)")
             loop.opt.step()
         loop.log({"loss": loss.item()})
+        metrics.log(step=loop.step, loss=loss.item(), bt=loss_r.item(), **terms,
+                    l_m=loss_m.item())
     return ready_to_score(rm)
 
 

@@ -7,7 +7,7 @@ file's own pairs (data/file_task.py). The RM starts from the SFT weights, learns
 Bradley-Terry loss, and is normalised to mean 0 / std 1 on SFT samples. Writes out_dir/rm.pt
 (ensemble members 1.. as rm_1.pt, ...) and preferences.json.
 
-In order: scoring texts and measuring an RM's accuracy; the simulated annotator and the pairs it
+In order: scoring responses and measuring an RM's accuracy; the simulated annotator and the pairs it
 labels; the RM's training loop (`RMLoop`, around a step its caller writes: the plain BT step here,
 RLP-UML's in rlp.py, MetaRM's in metarm.py) and `fit_rm`, the loop with the BT step; the stage
 itself (`train_rm`), which the refinements and the report reuse.
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .data.batches import Batcher
 from .data.hh import DataError
-from .generate import policy_samples, sample_texts
+from .generate import policy_samples, sample_responses
 from .model import load_model, save_model
 from .plumbing import dist, seeds
 from .plumbing.checkpoint import atomic_write_json
@@ -52,9 +52,10 @@ def rm_accuracy(rm, batcher, pairs, batch=256):
 
 
 @torch.no_grad()
-def score_texts(rm, batcher, prompts, responses, batch=256, hidden=False):
-    """RM scores (N,) of (prompt, response) texts, `batch` at a time; with `hidden`, the final
-    hidden states (N, C) the RM's head reads instead (a single RM, not an ensemble)."""
+def score_responses(rm, batcher, prompts, responses, batch=256, hidden=False):
+    """RM scores (N,) of (prompt text, response) pairs, `batch` at a time, each response scored as
+    the tokens it was sampled as (data.batches.encode_responses); with `hidden`, the final hidden
+    states (N, C) the RM's head reads instead (a single RM, not an ensemble)."""
     out = []
     for i in range(0, len(prompts), batch):
         rows = batcher.batch(prompts[i:i + batch], responses[i:i + batch])
@@ -64,14 +65,14 @@ def score_texts(rm, batcher, prompts, responses, batch=256, hidden=False):
 
 def normalize_on(rm, batcher, prompts, responses):
     """normalize() on the RM's scores of (prompt, response) SFT samples."""
-    return normalize(rm, score_texts(rm, batcher, prompts, responses))
+    return normalize(rm, score_responses(rm, batcher, prompts, responses))
 
 
 def per_prompt_outputs(rm, batcher, prompts, samples, hidden=False):
-    """score_texts over every prompt's n samples in one batched pass, cut back into one chunk per
-    prompt: scores (n,), or with `hidden` the final hidden states (n, C)."""
-    out = score_texts(rm, batcher, [p for p, ys in zip(prompts, samples) for _ in ys],
-                      [y for ys in samples for y in ys], hidden=hidden)
+    """score_responses over every prompt's n samples in one batched pass, cut back into one chunk
+    per prompt: scores (n,), or with `hidden` the final hidden states (n, C)."""
+    out = score_responses(rm, batcher, [p for p, ys in zip(prompts, samples) for _ in ys],
+                          [y for ys in samples for y in ys], hidden=hidden)
     n = len(samples[0])
     return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -96,7 +97,7 @@ def sample_pairs(policy, batcher, prompts, temperature, generator, desc="pairs")
     for i in tqdm(range(0, len(prompts), 256), desc=desc, mininterval=1.0,
                   disable=not dist.is_main()):
         for out in (a, b):
-            out += sample_texts(policy, batcher, prompts[i:i + 256], temperature, generator)
+            out += sample_responses(policy, batcher, prompts[i:i + 256], temperature, generator)
     return [(p, x, y) for p, x, y in zip(prompts, a, b) if x != y]
 
 
@@ -248,7 +249,7 @@ def train_rm(cfg, source, sft, device):
     norm_prompts = [p for p, _, _ in train]
     atomic_write_json(dict(train=train, held_noisy=held_noisy, held_clean=held_clean,
                            norm_prompts=norm_prompts, sft_samples=sft_samples),
-                      os.path.join(cfg.out_dir, "preferences.json"))
+                      os.path.join(cfg.out_dir, "preferences.json"), indent=None)
     print(f"RM: {len(train)} training pairs, {len(held_noisy)} held-out pairs")
     metrics = Metrics(cfg.out_dir, "rm", step_key="member", tensorboard=cfg.tensorboard)
     results, rms = [], []
@@ -291,7 +292,11 @@ def load_preferences(out_dir):
     exactly the same pairs)."""
     with open(os.path.join(out_dir, "preferences.json")) as f:
         prefs = json.load(f)
-    return {k: [tuple(x) for x in v] if k in ("train", "held_noisy", "held_clean") else v
+    # a sampled response is its token ids (a JSON list); an out_dir from before stored its text
+    def response(y):
+        return tuple(y) if isinstance(y, list) else y
+    return {k: [tuple(map(response, x)) if k in ("train", "held_noisy", "held_clean")
+                else response(x) for x in v]
             for k, v in prefs.items()}
 
 

@@ -11,11 +11,12 @@ import torch
 from tqdm import tqdm
 
 from .data.batches import Batcher
-from .generate import sample_texts, sequence_logprobs
+from .data.tokenizer import fits_vocabulary
+from .generate import sample_responses, sequence_logprobs
 from .model import GPT, GPTConfig, load_model, save_model
 from .plumbing import dist, seeds
 from .plumbing.checkpoint import atomic_save, load
-from .plumbing.config import UsageError, made_with
+from .plumbing.config import made_with
 from .plumbing.runtime import (Metrics, adamw, autocast, check_finite, clip_and_check, cosine_lr,
                                print_table, write_summary)
 
@@ -26,10 +27,7 @@ def build_policy(cfg, source):
     vocab = source.tokenizer.vocab_size
     if cfg.init_from:
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-        if model.cfg.vocab_size > vocab:
-            raise UsageError(f"--init_from={cfg.init_from!r}: its vocabulary "
-                             f"({model.cfg.vocab_size}) is larger than the tokenizer's ({vocab}): "
-                             "pass its --tokenizer=DIR")
+        fits_vocabulary(model.cfg.vocab_size, source.tokenizer, f"--init_from={cfg.init_from!r}")
         return model.resize_vocab(vocab)
     return GPT(GPTConfig(vocab_size=vocab, n_positions=cfg.block_size, n_embd=cfg.n_embd,
                          n_layer=cfg.n_layer, n_head=cfg.n_head, dropout=cfg.dropout))
@@ -109,14 +107,14 @@ def summarize_sft(cfg, source, model, metrics, device):
         demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id])
                  for p in prompts]
         batcher = Batcher.of(cfg, tok, device)
-        samples = sample_texts(model, batcher, prompts, cfg.temperature,
-                         torch.Generator(device).manual_seed(cfg.seed))
+        samples = sample_responses(model, batcher, prompts, cfg.temperature,
+                                   torch.Generator(device).manual_seed(cfg.seed))
         gold = source.task.golds(prompts, samples)
         summary.update(sft_gold=statistics.mean(gold),
                        demo_gold=statistics.mean(source.task.golds(prompts, demos)))
         print(f"gold reward on {len(prompts)} held-out prompts: "
               f"SFT policy {summary['sft_gold']:.3f}, demonstrator {summary['demo_gold']:.3f}")
-        print_table([dict(prompt=p, response=s, gold=g)
+        print_table([dict(prompt=p, response=tok.text(s), gold=g)
                      for p, s, g in list(zip(prompts, samples, gold))[:6]],
                     ["prompt", "response", "gold"])
     print(f"SFT final loss {summary['final_loss']:.3f}")

@@ -109,7 +109,8 @@ def trained(tmp_path_factory):
     ("train_sft.py", ["--export=README.md"], "--export='README.md': exists and is not an empty folder"),
     ("refine.py", ["--export=README.md/tuned"], f"--export='README.md/tuned': {ROOT}/README.md is a file, not a folder"),
     ("train_ppo.py", ["--export_sft=docs"], "--export_sft='docs': exists and is not an empty folder"),
-    ("train_ppo.py", ["--export=x", "--export_sft=x"], "--export_sft='x': is the --export folder too"),
+    ("train_ppo.py", ["--export=x", "--export_sft=x"], "--export='x': is the --export_sft folder or lies in it"),
+    ("refine.py", ["--export=x", "--export_sft=x/sft"], "--export_sft='x/sft': is the --export folder or lies in it"),
     ("train_ppo.py", ["--method=bon", "--export=x"], "--export='x': --method=bon trains no policy"),
     ("refine.py", ["--method=eta-sweep", "--export=x"], "--export='x': --method=eta-sweep trains RMs, no policy"),
     ("train_sft.py", ["--export_sft=x"], "--export_sft='x': is for train_ppo.py and refine.py"),
@@ -147,6 +148,11 @@ def test_out_dir_under_a_file_is_named(tmp_path):
      "--tokenizer=DIR: merges.txt, line 2: expected two tokens, got 3"),
     ('{"n_positions": 64}', '{"a": 0, "b": 1}', "#version\na c\n",
      "--tokenizer=DIR: merges.txt: Error while initializing BPE: Token `c` out of vocabulary"),
+    ('{"n_positions": 64, "vocab_size": 50}', '{"a": 0, "b": 1}', "#version\n",
+     "--init_from=DIR: its vocabulary (50 tokens) is not the tokenizer's (2 tokens, 6 with minirlhf's PAD, BOS, "
+     "EOS and UNK): pass the --tokenizer=DIR it was trained with"),
+    ('{"n_positions": 64, "vocab_size": 3}', '{"a": 0, "b": 1}', "#version\n",  # smaller: rows would be reused
+     "--init_from=DIR: its vocabulary (3 tokens) is not the tokenizer's (2 tokens, 6 with"),
 ])
 def test_a_malformed_gpt2_folder_is_named(tmp_path, config, vocab, merges, message):
     folder = tmp_path / "gpt2"
@@ -297,3 +303,17 @@ def test_ctrl_c_is_one_line_and_exit_130(trained, tmp_path):
 def test_unknown_report_method(tmp_path):
     fails(["experiments.py", "--preset=smoke", "--methods=ppo,nosuch"], 2,
           "--methods='ppo,nosuch': unknown method 'nosuch'", tmp_path / "out")
+
+
+def test_refining_against_a_longer_vanilla_ppo_is_refused(tmp_path):
+    """refine.py compares its PPO with out_dir's vanilla PPO at equal budget: one of more iterations
+    than --iters is named, before any work."""
+    out = tmp_path / "out"
+    assert script("train_ppo.py", *SMOKE, "--iters=4", f"--out_dir={out}").returncode == 0
+    fails(["refine.py", *SMOKE, "--iters=3", "--method=control"], 2,
+          f"--iters=3: {out / 'ppo.pt'} is a vanilla PPO policy of 4 iterations", out)
+
+
+def test_an_export_that_would_hold_the_out_dir_is_refused(tmp_path):
+    fails(["train_ppo.py", "--preset=smoke", f"--export={tmp_path}"], 2,
+          f"--export='{tmp_path}': is --out_dir or holds it", tmp_path / "out")

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from minirlhf import metarm, ppo_trainer, rlp, rm as rm_stage
-from minirlhf.data.batches import Batcher, decode_responses, encode_responses
+from minirlhf.data.batches import Batcher, encode_responses
 from minirlhf.data.tasks import get_task
-from minirlhf.generate import response_mask
+from minirlhf.generate import response_mask, sampled_responses
 from minirlhf.model import GPT, GPTConfig, ScalarModel
 from minirlhf.pipeline import prepare_rl
 from minirlhf.plumbing.config import RefineConfig, parse_args
@@ -112,12 +112,14 @@ def test_matched_kl_shows_a_run_of_rounds_once():
     assert trajectories(names) == ["ppo", "uml", "metarm r2", "vanilla-rounds r2"]
 
 
-def test_a_pad_sampled_mid_response_is_a_real_token_on_the_text_path_too():
+def test_a_pad_sampled_mid_response_stays_a_real_token_where_later_stages_score_it():
     tok = get_task("reviews").tokenizer
     the, pizza, was = (tok.encode(w)[0] for w in ("the", "pizza", "was"))
     response = torch.tensor([[the, pizza, tok.pad_id, was, tok.eos_id]])
     mask = response_mask(response, tok.eos_id)  # the tensor path (PPO's scoring)
-    ids, text_mask = encode_responses(tok, decode_responses(tok, response, mask), 10)
+    sampled = sampled_responses(response, mask)
+    assert tok.text(sampled[0]) == "the pizza <pad> was <eos>"  # what the gold judge reads
+    ids, text_mask = encode_responses(tok, sampled, 10)
     assert torch.equal(ids[:, :5], response) and torch.equal(text_mask[:, :5], mask)
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=16, n_layer=1, n_head=2)))
@@ -192,7 +194,56 @@ def test_oracle_pairs_are_dealt_over_every_prompt_before_a_cut():
     class ByLength:
         def golds(self, prompts, responses):
             return [len(y) for y in responses]
+
+        def text(self, response):
+            return response
     samples = [["a", "bb", "ccc", "dddd"]] * 3
     pairs = rlp.all_clean_pairs(ByLength(), ["p0", "p1", "p2"], samples, __import__("random").Random(0))
     assert len(pairs) == 18 and [p for p, _, _ in pairs[:3]] == ["p0", "p1", "p2"]
     assert all(len(win) > len(lose) for _, win, lose in pairs)
+
+
+def test_rlp_uml_records_its_terms_every_step(trained):
+    from minirlhf.plumbing.runtime import read_jsonl
+    out, (device, source, sft, rm) = trained
+    cfg = smoke(out)
+    rlp.rlp_round(cfg, "uml", source, sft, rm, load_preferences(out), device)
+    rows = [r for r in read_jsonl(f"{out}/metrics.jsonl") if r["stage"] == "rm_uml"]
+    steps = max(1, (len(load_preferences(out)["train"]) + cfg.oracle_pairs) // cfg.rm_batch) * cfg.rm_epochs
+    assert [r["step"] for r in rows] == list(range(steps))
+    for r in rows:  # L_M = -I + beta * SKL, and the step's loss is BT + lambda * L_M
+        assert r["l_m"] == pytest.approx(-r["mi"] + cfg.mib_beta * r["skl"], abs=1e-5)
+        assert r["loss"] == pytest.approx(r["bt"] + cfg.uml_lambda * r["l_m"], abs=1e-5)
+
+
+def test_on_real_text_every_score_is_of_the_tokens_as_sampled():
+    """A byte-level BPE does not survive decode-then-encode: a random policy's samples come back as
+    other tokens. The RM's pairs, the gold RM and the evaluation must score the sequence PPO
+    optimises (the tensors `generate` returned), EOS status included."""
+    from minirlhf.data.file_task import FileTask
+    from minirlhf.data.tokenizer import train_bpe
+    from minirlhf.generate import generate
+    from minirlhf.rm import sample_pairs, score_responses
+    texts = ["Hello there, how are you doing today?", "I would like some coffee and a cake, please.",
+             "Ça va très bien — merci!", "The weather is lovely; let's walk by the river."]
+    tok = train_bpe(texts * 30, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=48, n_embd=32, n_layer=2, n_head=2)
+    policy, rm, gold_rm = GPT(cfg).eval(), ScalarModel(GPT(cfg)).eval(), ScalarModel(GPT(cfg)).eval()
+    batcher, prompts = Batcher(tok, 16, 24), [f"\n\nHuman: {t}\n\nAssistant:" for t in texts] * 8
+    prompt, pm = batcher.prompts(prompts)
+    response, _, mask = generate(policy, prompt, pm, 24, tok.eos_id, tok.pad_id,
+                                 generator=torch.Generator().manual_seed(1))
+    sampled = sampled_responses(response, mask)
+    assert sum(tok.encode(tok.text(y)) != list(y) for y in sampled) >= 8  # the test has teeth
+    with torch.no_grad():  # the RM and the gold RM as PPO and the evaluation's proxy see them
+        torch.testing.assert_close(score_responses(rm, batcher, prompts, sampled), rm.score(prompt, pm, response, mask))
+        task = FileTask("file", {}, gold_rm, batcher)
+        assert torch.allclose(torch.tensor(task.golds(prompts, sampled)), gold_rm.score(prompt, pm, response, mask),
+                              atol=1e-5)
+    # the RM's training pairs are the samples themselves, not their re-encoded texts
+    pairs = sample_pairs(policy, batcher, prompts[:4], 1.0, torch.Generator().manual_seed(1))
+    assert all(isinstance(y, tuple) for _, a, b in pairs for y in (a, b))
+    again, _, again_mask = generate(policy, *batcher.prompts(prompts[:4]), 24, tok.eos_id, tok.pad_id,
+                                    generator=torch.Generator().manual_seed(1))  # the pairs' first draws
+    assert len(pairs) == 4 and [a for _, a, _ in pairs] == sampled_responses(again, again_mask)

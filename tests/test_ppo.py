@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -159,11 +160,12 @@ def test_evaluation_uses_both_samples_of_each_prompt(monkeypatch):
     from minirlhf import evaluate as ev
     draws = iter([(["a1", "a22"], np.array([1.0, 2.0]), np.array([0.5, 1.5]), np.array([2, 3])),
                   (["b333", "b4444"], np.array([3.0, 4.0]), np.array([2.5, 3.5]), np.array([4, 5]))])
-    monkeypatch.setattr(ev, "rollout_texts", lambda *args: next(draws))
+    monkeypatch.setattr(ev, "sample_and_score", lambda *args: next(draws))
 
     class Task:  # gold = the response's length
         golds = staticmethod(lambda prompts, responses: [float(len(y)) for y in responses])
-    out = ev.evaluate(None, None, None, Task(), None, ["p", "q"], np.array([2.5, 4.5]), 1.0, None)
+    batcher = SimpleNamespace(tok=SimpleNamespace(eos_id=0, text=str))
+    out = ev.evaluate(None, None, None, Task(), batcher, ["p", "q"], np.array([2.5, 4.5]), 1.0, None)
     assert out["eval/gold"] == (2 + 3 + 4 + 5) / 4 and out["gold_per_prompt"] == [3.0, 4.0]
     assert out["eval/proxy"] == 2.5 and out["eval/kl"] == 2.0 and out["eval/length"] == 3.5
     assert out["eval/win_rate"] == 0.5  # a loses both prompts, b wins both

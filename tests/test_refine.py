@@ -89,7 +89,7 @@ def test_similarity_keys_batched_equal_one_prompt_at_a_time():
     from minirlhf.data.batches import Batcher
     from minirlhf.data.tasks import get_task
     from minirlhf.rlp import semantic_keys
-    from minirlhf.rm import score_texts
+    from minirlhf.rm import score_responses
     tok = get_task("reviews").tokenizer
     torch.manual_seed(0)
     rm = ScalarModel(GPT(GPTConfig(vocab_size=tok.vocab_size, n_positions=48, n_embd=16, n_layer=1, n_head=2)))
@@ -98,7 +98,7 @@ def test_similarity_keys_batched_equal_one_prompt_at_a_time():
     samples = [["the pizza was great .", "the staff were rude !", "the pizza was great . <eos>"],
                ["the soup was cold .", "bad .", "the soup was cold and the staff were rude ."]]
     with torch.no_grad():
-        batched = score_texts(rm, batcher, [p for p in prompts for _ in range(3)], sum(samples, []), hidden=True)
+        batched = score_responses(rm, batcher, [p for p in prompts for _ in range(3)], sum(samples, []), hidden=True)
         alone = torch.cat([rm.score(*batcher.batch([p] * 3, ys), return_hidden=True)[1]
                            for p, ys in zip(prompts, samples)])
         keys = semantic_keys(free_text, rm, batcher, prompts, samples)

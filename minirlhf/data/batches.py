@@ -24,9 +24,12 @@ def encode_prompts(tok, prompts, device="cpu", max_len=None):
 
 
 def encode_responses(tok, responses, max_len, device="cpu"):
-    """Response tokens + EOS, cut to max_len (a cut response has no EOS: it is
-    unfinished), right-padded."""
-    seqs = [(tok.encode(r) + [tok.eos_id])[:max_len] for r in responses]
+    """Responses right-padded, cut to max_len (a cut response has no EOS: it is unfinished). A
+    sampled response is the token ids it was sampled as (EOS included where it finished), kept
+    exactly: a byte-level BPE's decode-then-encode gives other tokens, and the RM must score the
+    sequence PPO optimises. A text (a file's response, a demonstration) is encoded, then EOS."""
+    seqs = [(tok.encode(r) + [tok.eos_id])[:max_len] if isinstance(r, str) else list(r)[:max_len]
+            for r in responses]
     N = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), N), tok.pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
@@ -39,16 +42,10 @@ def encode_responses(tok, responses, max_len, device="cpu"):
     return ids, response_mask(ids, tok.eos_id) * within.long()
 
 
-def decode_responses(tok, response, mask):
-    """Response texts; EOS kept (it marks a finished response), padding dropped."""
-    return [tok.tok.decode(r[m.bool()].tolist(), skip_special_tokens=False)
-            for r, m in zip(response.cpu(), mask.cpu())]
-
-
 @dataclass
 class Batcher:
-    """How one run turns texts into batches and back: its tokenizer, the room for prompt and
-    response, its device."""
+    """How one run turns prompts and responses into batches: its tokenizer, the room for prompt
+    and response, its device."""
     tok: object
     """The tokenizer (tokenizer.Tokenizer)."""
     prompt_len: int
@@ -70,9 +67,5 @@ class Batcher:
         return encode_responses(self.tok, responses, self.max_new_tokens, self.device)
 
     def batch(self, prompts, responses):
-        """(prompt, prompt_mask, response, response_mask) of (prompt, response) texts."""
+        """(prompt, prompt_mask, response, response_mask) of prompt texts and responses."""
         return (*self.prompts(prompts), *self.responses(responses))
-
-    def decode(self, response, response_mask):
-        """Response texts of a batch's response rows (EOS kept, padding dropped)."""
-        return decode_responses(self.tok, response, response_mask)

@@ -19,7 +19,7 @@ from ..model import load_model, save_model
 from ..plumbing import seeds
 from ..plumbing.config import UsageError, made_with
 from ..plumbing.runtime import write_summary
-from ..rm import fit_rm, normalize_on, rm_accuracy, sample_pairs, score_texts
+from ..rm import fit_rm, normalize_on, rm_accuracy, sample_pairs, score_responses
 from .batches import Batcher
 from .hh import DataError
 from .tasks import split_of
@@ -53,10 +53,15 @@ class FileTask:
         return [rng.choice(pool) for _ in range(n)]
 
     def golds(self, prompts, responses):
-        return score_texts(self.gold_rm, self.batcher, list(prompts), list(responses)).tolist()
+        return score_responses(self.gold_rm, self.batcher, list(prompts),
+                               list(responses)).tolist()
 
     def gold(self, prompt, response):
         return self.golds([prompt], [response])[0]
+
+    def text(self, response):
+        """A response as a person reads it (a sampled one's token ids decoded)."""
+        return self.batcher.tok.text(response)
 
 
 def gold_rm_path(out_dir):

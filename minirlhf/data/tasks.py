@@ -53,8 +53,13 @@ def _finished(response):
 
 class Task:
     def gold(self, prompt, response):
-        """The gold reward: the sum of the task's rubric terms (gold_terms)."""
-        return sum(self.gold_terms(prompt, response).values())
+        """The gold reward: the sum of the task's rubric terms (gold_terms) of the response's
+        text (a sampled response's token ids are decoded: the rubric reads words)."""
+        return sum(self.gold_terms(prompt, self.text(response)).values())
+
+    def text(self, response):
+        """A response as the judge reads it (a sampled one's token ids decoded)."""
+        return self.tokenizer.text(response)
 
     def golds(self, prompts, responses):
         """gold(prompt, response) of each pair, as a list."""
@@ -206,7 +211,7 @@ class Reviews(Task):
 
     def semantic_key(self, prompt, response):
         """The set of (topic, tone) facts stated, ignoring fillers, order, repeats and hype."""
-        _, words = _finished(response)
+        _, words = _finished(self.text(response))
         return frozenset(p[:2] for p in map(self._parse, _sentences(words))
                          if p and p[0] != "filler")
 
@@ -262,7 +267,7 @@ class Arith(Task):
                     no_eos=self.W["no_eos"] * (not finished))
 
     def semantic_key(self, prompt, response):
-        _, words = _finished(response)
+        _, words = _finished(self.text(response))
         numbers = [w for w in words if w.isdigit()]
         return numbers[-1] if numbers else None
 

@@ -8,6 +8,8 @@ import json
 
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..plumbing.config import UsageError
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
 
@@ -27,6 +29,14 @@ class Tokenizer:
         """Decode keeping EOS (a response is finished iff its text ends with the EOS word)
         and dropping PAD."""
         return self.tok.decode([i for i in ids if i != self.pad_id], skip_special_tokens=False)
+
+    def text(self, response):
+        """A response as a person or an embedded task's judge reads it: the token ids it was
+        sampled as, decoded with every token kept (a PAD or BOS sampled mid-response too), or a
+        text as it is."""
+        if isinstance(response, str):
+            return response
+        return self.tok.decode(list(response), skip_special_tokens=False)
 
     def save(self, path):
         self.tok.save(path)
@@ -84,3 +94,14 @@ def gpt2_bpe(vocab_json, merges_txt):
     except Exception as e:  # tokenizers raises a bare Exception (e.g. a merge out of vocabulary)
         raise ValueError(f"{merges_txt}: {e}") from None
     return _byte_level(HFTokenizer(bpe))
+
+
+def fits_vocabulary(vocab, tok, named):
+    """A checkpoint's embedding must have one row per token of `tok`: either exactly, or for the
+    tokenizer's own tokens with minirlhf's PAD, BOS, EOS and UNK still to be appended (GPT-2's
+    vocabulary): any other size would reuse rows learnt for other tokens."""
+    base = tok.tok.get_vocab_size(with_added_tokens=False)
+    if vocab not in (base, tok.vocab_size):
+        raise UsageError(f"{named}: its vocabulary ({vocab} tokens) is not the tokenizer's ({base} "
+                         f"tokens, {tok.vocab_size} with minirlhf's PAD, BOS, EOS and UNK): pass "
+                         "the --tokenizer=DIR it was trained with")

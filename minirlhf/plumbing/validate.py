@@ -10,7 +10,7 @@ from dataclasses import fields
 import torch
 
 from ..data.tasks import TASKS
-from ..data.tokenizer import gpt2_bpe
+from ..data.tokenizer import fits_vocabulary, gpt2_bpe
 from ..model import GPTConfig
 from ..ppo_trainer import round_weights
 from .checkpoint import load
@@ -43,8 +43,16 @@ def validate(cfg, methods=None):
             above = existing_ancestor(os.path.abspath(folder))
             need(os.path.isdir(above), option, f"{above} is a file, not a folder")
             need(os.access(above, os.W_OK), option, f"{above} is not writable")
-    need(not getattr(cfg, "export_sft", "") or os.path.abspath(cfg.export_sft) !=
-         os.path.abspath(cfg.export or "."), "export_sft", "is the --export folder too")
+    # a Hugging Face folder holds one model and nothing else (it may lie inside out_dir)
+    exports = [(o, os.path.abspath(getattr(cfg, o))) for o in ("export", "export_sft")
+               if getattr(cfg, o, "")]
+    for option, folder in exports:
+        out_dir = os.path.abspath(cfg.out_dir)
+        need(not (out_dir == folder or out_dir.startswith(folder + os.sep)), option,
+             "is --out_dir or holds it")
+        for other, path in exports:
+            need(other == option or not (folder == path or folder.startswith(path + os.sep)),
+                 option, f"is the --{other} folder or lies in it")
     if cfg.tensorboard:
         try:  # torch's writer needs the optional tensorboard package
             importlib.import_module("torch.utils.tensorboard")
@@ -153,9 +161,13 @@ def validate(cfg, methods=None):
             need(os.path.isfile(os.path.join(cfg.tokenizer, name)), "tokenizer", f"has no {name}")
         json_object(cfg, "tokenizer", "vocab.json", "a JSON object {token: id}")
         try:  # built now: it is otherwise first built after the data is read
-            gpt2_bpe(*(os.path.join(cfg.tokenizer, n) for n in ("vocab.json", "merges.txt")))
+            tok = gpt2_bpe(*(os.path.join(cfg.tokenizer, n) for n in ("vocab.json", "merges.txt")))
         except (ValueError, UnicodeDecodeError) as e:
             raise UsageError(f"--tokenizer={cfg.tokenizer!r}: {e}") from None
+        if cfg.init_from:
+            vocab = json_object(cfg, "init_from", "config.json", "a JSON object").get("vocab_size")
+            if vocab is not None:
+                fits_vocabulary(vocab, tok, f"--init_from={cfg.init_from!r}")
 
 
 def existing_ancestor(path):

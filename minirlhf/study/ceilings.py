@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import torch
 
-from ..data.batches import Batcher, decode_responses
+from ..data.batches import Batcher
 from ..evaluate import summarize
+from ..generate import sampled_responses
 from ..plumbing import seeds
 from ..plumbing.runtime import write_summary
 from ..ppo_trainer import train_ppo
@@ -26,10 +27,9 @@ class GoldReward:
         self.mean, self.std = gold.mean().item(), gold.std().item()
 
     def score(self, prompt, prompt_mask, response, resp_mask):
-        texts = decode_responses(self.tok, response, resp_mask)
         prompts = [self.tok.decode([i for i in row[m.bool()].tolist() if i != self.tok.bos_id])
                    for row, m in zip(prompt.cpu(), prompt_mask.cpu())]
-        gold = torch.tensor(self.task.golds(prompts, texts))
+        gold = torch.tensor(self.task.golds(prompts, sampled_responses(response, resp_mask)))
         return ((gold - self.mean) / self.std).to(response.device)
 
 
