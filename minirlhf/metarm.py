@@ -187,7 +187,8 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
                                        seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS, 1))
     rows = []
     for eta in etas:
-        rm, log = meta_rm(cfg, sft, batcher, prefs, prompts, samples, eta, random.Random(cfg.seed),
+        batches = random.Random(seeds.stream(cfg.seed, seeds.META_BATCHES))
+        rm, log = meta_rm(cfg, sft, batcher, prefs, prompts, samples, eta, batches,
                           seeds.stream(cfg.seed, seeds.META_RM, 1), f"eta={eta}")
         rows.append({"eta": eta, "shift_norm": statistics.mean(s["shift_norm"] for s in log),
                      "J_gain": statistics.mean(s["J_shifted"] - s["J"] for s in log),

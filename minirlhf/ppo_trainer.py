@@ -147,12 +147,6 @@ class Segment:
         return (g % cfg.eval_every == 0 or g < cfg.eval_dense) and not (self.first_iter and it == 0)
 
 
-def iteration_rng(seed, it, device, salt=0):
-    """All randomness of iteration `it` derives from (seed, it): a resumed run replays exactly."""
-    s = seeds.iteration_seed(seed, it, salt)
-    return random.Random(s), torch.Generator(device).manual_seed(s)
-
-
 class GoldJudge:
     """The gold judge's view of one PPO run (ALGORITHMS.md §4.2): two samples of the policy on each
     held-out prompt, scored by the gold reward and the proxy, against one SFT sample per prompt
@@ -163,10 +157,10 @@ class GoldJudge:
         self.cfg, self.task, self.batcher, self.ref, self.rm = cfg, task, batcher, ref, rm
         self.segment, self.device, self.history = segment, device, []
         self.prompts = task.sample_prompts(cfg.eval_prompts,
-                                           random.Random(cfg.seed + seeds.PPO_EVAL),
+                                           random.Random(seeds.stream(cfg.seed, seeds.PPO_EVAL)),
                                            segment.eval_split)
         # the baseline's stream is fixed, so a resumed run gets the same
-        gen = iteration_rng(cfg.seed, seeds.BASELINE_ITER, device, seeds.WIN_RATE_BASELINE)[1]
+        gen = seeds.generators(device, cfg.seed, seeds.WIN_RATE_BASELINE)[1]
         self.sft_gold = (np.array(task.golds(self.prompts, sample_and_score(
             ref, None, rm, batcher, self.prompts, cfg.temperature, gen)[0]))
             if dist.is_main() else None)
@@ -186,8 +180,8 @@ class GoldJudge:
         with autocast(cfg, self.device):
             ev = evaluate(policy, self.ref, self.rm, self.task, self.batcher, self.prompts,
                           self.sft_gold, cfg.temperature,
-                          iteration_rng(cfg.seed, self.segment.first_iter + it, self.device,
-                                        seeds.EVALUATION)[1])
+                          seeds.generators(self.device, cfg.seed, seeds.PPO_ITERATION,
+                                           self.segment.first_iter + it, seeds.EVALUATION)[1])
         samples = ev.pop("samples")
         self.history.append({"iter": it, **ev})
         metrics.log(iter=it, **{k: v for k, v in ev.items() if k != "gold_per_prompt"})
@@ -234,7 +228,9 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segmen
     for it in bar:
         if judge.due(it):
             judge(policy, it, metrics)
-        rng, gen = iteration_rng(cfg.seed, segment.first_iter + it, device, seeds.ROLLOUT)
+        # all randomness of an iteration derives from (seed, iteration): a resumed run replays it
+        rng, gen = seeds.generators(device, cfg.seed, seeds.PPO_ITERATION, segment.first_iter + it,
+                                    seeds.ROLLOUT)
         prompts = task.sample_prompts(cfg.rollout_batch, rng, segment.prompt_split)
         prompt, prompt_mask = batcher.prompts(prompts)
         with autocast(cfg, device):
@@ -242,8 +238,8 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segmen
                                    batcher.tok.eos_id, batcher.tok.pad_id, cfg, gen, kl_ctl.value)
             # the minibatch order has its own generator: how many steps a rank sampled
             # must not change it
-            order = iteration_rng(cfg.seed, segment.first_iter + it, device,
-                                  seeds.MINIBATCH_ORDER)[1]
+            order = seeds.generators(device, cfg.seed, seeds.PPO_ITERATION,
+                                     segment.first_iter + it, seeds.MINIBATCH_ORDER)[1]
             stats.update(ppo_update(policy, critic, opt_pi, opt_v, batch, cfg, order))  # step 7
         kl_ctl.update(stats["objective/kl"], cfg.rollout_batch)
         metrics.log(iter=it, **stats)
@@ -316,8 +312,7 @@ def ppo_round(cfg, r, name, source, sft, rm, policy, device, splits=("unlabelled
 def best_of_n_baseline(cfg, source, sft, rm, device):
     """Best-of-n against the proxy on held-out prompts: the alternative to PPO that spends
     its KL by selection."""
-    prompts = source.task.sample_prompts(max(8, cfg.eval_prompts // 4),
-                                         random.Random(cfg.seed + seeds.BEST_OF_N), "eval")
+    rng, gen = seeds.generators(device, cfg.seed, seeds.BEST_OF_N)
+    prompts = source.task.sample_prompts(max(8, cfg.eval_prompts // 4), rng, "eval")
     batcher = Batcher.of(cfg, source.tokenizer, device)
-    return best_of_n(sft, rm, source.task, batcher, prompts, cfg.temperature,
-                     iteration_rng(cfg.seed, seeds.BEST_OF_N_ITER, device)[1], cfg.bon_max)
+    return best_of_n(sft, rm, source.task, batcher, prompts, cfg.temperature, gen, cfg.bon_max)

@@ -92,8 +92,8 @@ def mib_loss(head, h1, h2, beta=1.0):
 # ---- RLP-SPG: synthetic preferences from self-consistency (ALGORITHMS.md §2.2)
 def synthetic_preferences(prompts, samples, keys, scores, gamma, rng, golds=None,
                           rank_by="cluster"):
-    """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n responses), their semantic keys[i]
-    and current-RM scores scores[i]:
+    """RLP-SPG (ALGORITHMS.md §2.2). For prompt i with samples[i] (n responses), their semantic
+    keys[i] and current-RM scores scores[i]:
       1. group samples with equal keys; confidence = |largest group| / n
          (ties: the group met first);
       2. keep the prompt iff confidence >= gamma and some sample lies outside the largest group;

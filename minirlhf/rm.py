@@ -144,8 +144,8 @@ def held_out_policy_pairs(policy, batcher, task, n_prompts, temperature, seed, s
 def preference_data(sft, source, batcher, cfg):
     """Training pairs D, held-out pairs (noisy and clean labels) and the SFT samples used
     for normalisation."""
-    task, rng = source.task, random.Random(cfg.seed + seeds.PREFERENCES)
-    gen = torch.Generator(batcher.device).manual_seed(cfg.seed + seeds.PREFERENCES)
+    task = source.task
+    rng, gen = seeds.generators(batcher.device, cfg.seed, seeds.PREFERENCES)
     train = sample_pairs(sft, batcher, task.sample_prompts(cfg.rm_pairs, rng, "pref"),
                          cfg.temperature, gen, desc="sampling preference pairs")
     held = sample_pairs(sft, batcher, task.sample_prompts(max(64, cfg.rm_pairs // 4), rng, "eval"),
@@ -254,7 +254,8 @@ def train_rm(cfg, source, sft, device):
     metrics = Metrics(cfg.out_dir, "rm", step_key="member", tensorboard=cfg.tensorboard)
     results, rms = [], []
     for k, path in enumerate(rm_paths(cfg.out_dir, cfg.ensemble)):
-        rm = fit_rm(sft, train, cfg, batcher, seed=cfg.seed + seeds.RM_MEMBER * k, desc=f"rm{k}")
+        rm = fit_rm(sft, train, cfg, batcher, seed=seeds.stream(cfg.seed, seeds.RM_MEMBER, k),
+                    desc=f"rm{k}")
         res = {"held_out_acc_noisy": rm_accuracy(rm, batcher, held_noisy)}
         if held_clean:
             res["held_out_acc_gold"] = rm_accuracy(rm, batcher, held_clean)
@@ -269,9 +270,8 @@ def train_rm(cfg, source, sft, device):
     summary.update(train_pairs=len(train), held_out_pairs=len(held_noisy), members=results)
     # the shift the project is about: accuracy on a deliberately shifted policy's pairs
     if source.has_gold:
-        gen = torch.Generator(device).manual_seed(cfg.seed + seeds.SHIFTED)
-        prompts = source.task.sample_prompts(max(64, cfg.rm_pairs // 4),
-                                             random.Random(cfg.seed + seeds.SHIFTED), "eval")
+        rng, gen = seeds.generators(device, cfg.seed, seeds.SHIFTED)
+        prompts = source.task.sample_prompts(max(64, cfg.rm_pairs // 4), rng, "eval")
         hot = clean_labelled(source.task, sample_pairs(sft, batcher, prompts, 1.5, gen,
                                                        desc="sampling shifted pairs"))
         summary["shifted_acc_gold_T1.5"] = rm_accuracy(combine(rms, cfg.ensemble_agg), batcher, hot)

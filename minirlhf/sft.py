@@ -7,7 +7,6 @@ import os
 import random
 import statistics
 
-import torch
 from tqdm import tqdm
 
 from .data.batches import Batcher
@@ -71,7 +70,8 @@ def train_sft(cfg, source, device):
             g["lr"] = cosine_lr(step, cfg.sft_steps, cfg.sft_lr, cfg.warmup)
         # each step's data derives from (seed, step) alone, so a resumed run sees exactly the same
         # batches (with torchrun each rank takes its slice of that global batch)
-        demos = source.demonstrations(cfg.sft_batch, random.Random(seeds.step_seed(cfg.seed, step)))
+        demos = source.demonstrations(cfg.sft_batch,
+                                      random.Random(seeds.stream(cfg.seed, seeds.SFT_STEP, step)))
         prompts, responses = zip(*dist.shard(demos))
         with autocast(cfg, device):
             nll, n_tokens = sft_loss(model, batcher, prompts, responses)
@@ -102,13 +102,13 @@ def summarize_sft(cfg, source, model, metrics, device):
     tok = source.tokenizer
     summary = {"final_loss": metrics.rows()[-1]["loss"], "params": model.num_params()}
     if source.has_gold:
-        eval_rng = random.Random(cfg.seed + seeds.SFT_EVAL)
+        eval_rng = random.Random(seeds.stream(cfg.seed, seeds.SFT_EVAL))
         prompts = source.task.sample_prompts(cfg.eval_prompts, eval_rng, "eval")
         demos = [source.task.demonstrate(p, eval_rng) + " " + tok.decode([tok.eos_id])
                  for p in prompts]
         batcher = Batcher.of(cfg, tok, device)
         samples = sample_responses(model, batcher, prompts, cfg.temperature,
-                                   torch.Generator(device).manual_seed(cfg.seed))
+                                   seeds.generators(device, cfg.seed, seeds.SFT_EVAL, 1)[1])
         gold = source.task.golds(prompts, samples)
         summary.update(sft_gold=statistics.mean(gold),
                        demo_gold=statistics.mean(source.task.golds(prompts, demos)))

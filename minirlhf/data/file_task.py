@@ -72,14 +72,14 @@ def train_gold_rm(cfg, source, sft, batcher):
     """The gold RM: from the SFT weights, Bradley-Terry on every training pair of the file, its
     accuracy on the file's held-out pairs, normalised on SFT samples of 'pref' prompts."""
     device = batcher.device
-    gold = fit_rm(sft, source.train_pairs, cfg, batcher, seed=cfg.seed + seeds.GOLD_RM,
+    gold = fit_rm(sft, source.train_pairs, cfg, batcher, seed=seeds.stream(cfg.seed, seeds.GOLD_RM),
                   desc="gold rm")
     summary = {"train_pairs": len(source.train_pairs),
                "held_out_acc": rm_accuracy(gold, batcher, source.held_out_pairs)}
     prompts = FileTask(source.name, source.splits, gold, batcher).sample_prompts(
-        256, random.Random(cfg.seed + seeds.GOLD_RM), "pref")
+        256, random.Random(seeds.stream(cfg.seed, seeds.GOLD_RM)), "pref")
     pairs = sample_pairs(sft, batcher, prompts, cfg.temperature,
-                         torch.Generator(device).manual_seed(cfg.seed + seeds.GOLD_RM))
+                         torch.Generator(device).manual_seed(seeds.stream(cfg.seed, seeds.GOLD_RM)))
     normalize_on(gold, batcher, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
     save_model(gold_rm_path(cfg.out_dir), gold, source=source.name, config=made_with(cfg, "sft"))
     write_summary(cfg, "gold_rm", summary)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..data.hh import DataError
-from . import dist
+from . import dist, seeds
 from .checkpoint import atomic_write_json
 from .config import UsageError, parse_args, print_help
 
@@ -22,9 +22,10 @@ def setup(cfg):
     """Seed every RNG, pick the device and thread count; returns the torch.device."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    s = seeds.stream(cfg.seed, seeds.GLOBAL)
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                           else cfg.device)
     dist.init(device)

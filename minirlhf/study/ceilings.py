@@ -52,7 +52,8 @@ def big_rm_ppo(cfg, source, sft, device, scale=10):
     big_cfg = replace(cfg, rm_pairs=scale * cfg.rm_pairs)
     batcher = Batcher.of(cfg, source.tokenizer, device)
     train, _, held_clean, sft_samples = preference_data(sft, source, batcher, big_cfg)
-    big = fit_rm(sft, train, big_cfg, batcher, seed=cfg.seed + seeds.BIG_RM, desc="big-rm")
+    big = fit_rm(sft, train, big_cfg, batcher, seed=seeds.stream(cfg.seed, seeds.BIG_RM),
+                 desc="big-rm")
     normalize_on(big, batcher, [p for p, _, _ in train], sft_samples)
     _, history = train_ppo(cfg, source, sft, big, device, name="ppo_big_rm")
     result = {"rm_after": {"held_out_acc_gold": rm_accuracy(big, batcher, held_clean)},
