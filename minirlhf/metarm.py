@@ -141,12 +141,10 @@ def meta_rounds(cfg, name, source, sft, prefs, device):
     policy, rows = sft, []
     for r in range(1, cfg.rounds + 1):
         # 1. S_r: k samples of the latest policy per prompt, a little above the PPO temperature
-        seed = seeds.stream(cfg.seed, seeds.META_SAMPLES, r)
-        rng = random.Random(seed)
+        rng, gen = seeds.generators(device, cfg.seed, seeds.META_SAMPLES, r)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, split)
         samples = policy_samples(policy, batcher, prompts, cfg.meta_k,
-                                 cfg.temperature + cfg.meta_temp_delta,
-                                 torch.Generator(device).manual_seed(seed))
+                                 cfg.temperature + cfg.meta_temp_delta, gen)
         # 2. a fresh RM, one epoch of meta steps on D and S_r
         rm, log = meta_rm(cfg, sft, batcher, prefs, prompts, samples, eta, rng,
                           seeds.stream(cfg.seed, seeds.META_RM, r), f"{name} r{r}")
@@ -178,11 +176,10 @@ def eta_sweep(cfg, source, sft, prefs, device, etas=(0.0, 0.01, 0.1, 1.0, 10.0))
     """MetaRM's eta at our scale (the paper's 5e-6 barely moves a small model): one
     round-1 RM per eta, each on the same samples of the SFT policy."""
     task, batcher = source.task, Batcher.of(cfg, source.tokenizer, device)
-    seed = seeds.stream(cfg.seed, seeds.META_SAMPLES, 1)
-    prompts = task.sample_prompts(cfg.refine_prompts, random.Random(seed), "unlabelled")
+    rng, gen = seeds.generators(device, cfg.seed, seeds.META_SAMPLES, 1)
+    prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
     samples = policy_samples(sft, batcher, prompts, cfg.meta_k,
-                             cfg.temperature + cfg.meta_temp_delta,
-                             torch.Generator(device).manual_seed(seed))
+                             cfg.temperature + cfg.meta_temp_delta, gen)
     held_pairs = held_out_policy_pairs(sft, batcher, task, cfg.refine_prompts, cfg.temperature,
                                        seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS, 1))
     rows = []

@@ -15,7 +15,6 @@ mode, which repeats steps 2-5 every round on the current policy, is study code
 (minirlhf/study/iterated.py).
 """
 import itertools
-import random
 from dataclasses import dataclass
 
 import torch
@@ -282,11 +281,9 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
     # 1. the policy to learn from: vanilla PPO's
     policy = ensure_ppo(cfg, source, sft, rm, device)
     # 2. P: --n_samples per unlabelled prompt (the paper's 10) at T = 1
-    seed = seeds.stream(cfg.seed, seeds.RLP_SAMPLES)
-    rng = random.Random(seed)
+    rng, gen = seeds.generators(device, cfg.seed, seeds.RLP_SAMPLES)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
-    samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0,
-                             torch.Generator(device).manual_seed(seed))
+    samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0, gen)
     # (how well an RM ranks the policy's samples where nothing trained, before and after)
     pol_pairs = held_out_policy_pairs(policy, batcher, task, cfg.refine_prompts, 1.0,
                                       seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS))

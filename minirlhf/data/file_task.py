@@ -11,9 +11,6 @@ data prefers, i.e. over-optimisation of a small proxy against a larger one. What
 a human would agree; the gold RM has its own blind spots, which the policy may find too.
 """
 import os
-import random
-
-import torch
 
 from ..model import load_model, save_model
 from ..plumbing import seeds
@@ -76,10 +73,9 @@ def train_gold_rm(cfg, source, sft, batcher):
                   desc="gold rm")
     summary = {"train_pairs": len(source.train_pairs),
                "held_out_acc": rm_accuracy(gold, batcher, source.held_out_pairs)}
-    prompts = FileTask(source.name, source.splits, gold, batcher).sample_prompts(
-        256, random.Random(seeds.stream(cfg.seed, seeds.GOLD_RM)), "pref")
-    pairs = sample_pairs(sft, batcher, prompts, cfg.temperature,
-                         torch.Generator(device).manual_seed(seeds.stream(cfg.seed, seeds.GOLD_RM)))
+    rng, gen = seeds.generators(device, cfg.seed, seeds.GOLD_RM)
+    prompts = FileTask(source.name, source.splits, gold, batcher).sample_prompts(256, rng, "pref")
+    pairs = sample_pairs(sft, batcher, prompts, cfg.temperature, gen)
     normalize_on(gold, batcher, [p for p, _, _ in pairs], [a for _, a, _ in pairs])
     save_model(gold_rm_path(cfg.out_dir), gold, source=source.name, config=made_with(cfg, "sft"))
     write_summary(cfg, "gold_rm", summary)

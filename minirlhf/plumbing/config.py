@@ -289,7 +289,7 @@ PRESETS = {
     # held the iterated control up and on-policy labels had little room: docs/protocol.md). The
     # v2 evaluation: 512 held-out prompts x 2 samples, every iteration below 6 (low KL), then
     # every 5; 8 rounds of 3, 3, 5, 6, 6, 6, 5, 6 iterations. MetaRM's eta by the sweep rule on
-    # tuning seeds 102-109 of both tasks (results/pilot/tuning/README.md).
+    # tuning seeds 102-109 of both tasks (the record is in results/pilot/tuning/).
     "report": dict(rollout_batch=32, minibatch=16, iters=40, eval_prompts=512, eval_dense=6,
                    rm_pairs=300, rounds=8, meta_eta=0.01),
     "gpu": dict(n_layer=12, n_head=12, n_embd=768, sft_steps=2000, sft_batch=64, sft_lr=3e-4,

@@ -8,10 +8,6 @@ every distinct pair of the current policy's samples with clean gold labels, accu
 rounds: the upper bound of any method that refines on policy samples. `control-iter` runs the same
 rounds retraining on D only. (The ceilings that measure headroom: ceilings.py.)
 """
-import random
-
-import torch
-
 from ..data.batches import Batcher
 from ..evaluate import summarize
 from ..generate import policy_samples
@@ -34,11 +30,9 @@ def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
     batcher = Batcher.of(cfg, source.tokenizer, device)
     policy, rows, added = sft, [], []
     for r in range(1, cfg.rounds + 1):
-        seed = seeds.stream(cfg.seed, seeds.ITER_SAMPLES, r)
-        rng = random.Random(seed)
+        rng, gen = seeds.generators(device, cfg.seed, seeds.ITER_SAMPLES, r)
         prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
-        samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0,
-                                 torch.Generator(device).manual_seed(seed))
+        samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0, gen)
         # SPG ranks by the RM in use so far; the oracle's pairs accumulate over the rounds; round
         # r > 1 continues round r - 1's RM, which keeps what it learnt (from SFT, the accumulated
         # pairs would dilute the newest ones within the same steps)
