@@ -138,6 +138,9 @@ class Segment:
     """The task split of the rollout prompts ('ood' for MetaRM's --ood)."""
     eval_split: str = "eval"
     """The task split of the evaluation prompts ('ood-eval' for MetaRM's --ood)."""
+    carry_from: str = ""
+    """The checkpoint of the round before, whose critic, optimiser states and KL coefficient this
+    round goes on with: a run of rounds differs from one PPO run only in its RM (§2.3)."""
 
     def evaluates(self, it, cfg):
         """Is the policy judged before the segment's iteration `it`? Every --eval_every iterations
@@ -209,6 +212,12 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segmen
     opt_v = adamw(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
+    if segment.carry_from:  # a later round: no fresh critic, optimiser or KL coefficient
+        ck = load(segment.carry_from, fields=("critic", "opt_pi", "opt_v", "kl_coef"))
+        critic.load_state_dict(ck["critic"])
+        opt_pi.load_state_dict(ck["opt_pi"])
+        opt_v.load_state_dict(ck["opt_v"])
+        kl_ctl.value = ck["kl_coef"]
     judge = GoldJudge(cfg, task, batcher, ref, rm, segment, device)
     ckpt_path, start = os.path.join(cfg.out_dir, f"{name}.pt"), 0
     if cfg.resume and os.path.exists(ckpt_path):
@@ -301,12 +310,14 @@ def ppo_round(cfg, r, name, source, sft, rm, policy, device, splits=("unlabelled
     """Round r of a run of rounds: PPO continued from `policy` against `rm` for the round's length.
     The rounds share vanilla PPO's budget (cfg.iters in all), so the last round is compared at
     equal PPO compute; round r goes on with the iteration count (and prompt batches) where round
-    r - 1 stopped, as one vanilla PPO run would. `splits`: the rollout and evaluation prompts'.
+    r - 1 stopped, as one vanilla PPO run would, with round r - 1's critic, optimiser states and
+    KL coefficient (from its checkpoint). `splits`: the rollout and evaluation prompts'.
     Returns (policy, history)."""
     lengths = round_lengths(cfg.iters, cfg.rounds)
+    before = os.path.join(cfg.out_dir, f"{name}_r{r - 1}.pt") if r > 1 else ""
     return train_ppo(replace(cfg, iters=lengths[r - 1]), source, sft, rm, device,
                      name=f"{name}_r{r}", init_policy=policy,
-                     segment=Segment(sum(lengths[:r - 1]), *splits))
+                     segment=Segment(sum(lengths[:r - 1]), *splits, carry_from=before))
 
 
 def best_of_n_baseline(cfg, source, sft, rm, device):

@@ -206,22 +206,25 @@ def added_pairs(cfg, method, task, batcher, rm, prompts, samples, rng):
 
 # ---- retraining the RM: BT on D and the added pairs, + L_M for RLP-UML
 def retrain_rm(cfg, method, sft, batcher, prefs, added, prompts, samples, rng, seed, init=None,
-               desc="rm"):
-    """Step 4 of a round: an RM retrained from the SFT weights on D + `added` (with RLP-UML's L_M
-    on the policy samples when `method.uml`), normalised on SFT samples like the proxy; with
-    `init` (an earlier round's RM), that RM continued for one epoch instead."""
+               desc="rm", earlier=()):
+    """Step 4 of a round: an RM retrained from the SFT weights on D + `earlier` + `added` (with
+    RLP-UML's L_M on the policy samples when `method.uml`), every epoch holding each pair of
+    `added` once, normalised on SFT samples like the proxy; with `init` (an earlier round's RM),
+    that RM continued for one epoch instead."""
     # the same number of RM steps for every method, the control included: an epoch is |D| plus
     # the most pairs a method may add (--oracle_pairs), so that an RM sees what it was given
     # (with fewer steps, 2,000 added pairs were each seen less than once and barely learnt)
     steps = max(1, (len(prefs["train"]) + cfg.oracle_pairs) // cfg.rm_batch)
     epochs = 1 if init is not None else None
-    pairs = list(prefs["train"]) + list(added)  # D union the added pairs, no reweighting
+    # D and the earlier rounds' pairs fill what the added ones leave of an epoch: the newest
+    # pairs are never diluted by the accumulated ones (ALGORITHMS.md §2.3)
+    pairs = list(prefs["train"]) + list(earlier)
     if method.uml:
         rm = uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs=epochs,
-                    steps_per_epoch=steps, init=init, desc=desc)
+                    steps_per_epoch=steps, init=init, desc=desc, newest=added)
     else:
         rm = fit_rm(sft, pairs, cfg, batcher, seed, epochs=epochs, steps_per_epoch=steps,
-                    init=init, desc=desc)
+                    init=init, desc=desc, newest=added)
     normalize_on(rm, batcher, prefs["norm_prompts"], prefs["sft_samples"])
     return rm
 
@@ -236,7 +239,7 @@ def uml_views(prompts, samples):
 
 
 def uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs, steps_per_epoch,
-           init=None, desc="rm"):
+           init=None, desc="rm", newest=()):
     """RLP-UML's RM (RLP Eq. 1): each step, the BT loss on a batch of `pairs` plus uml_lambda * L_M
     on as many view pairs of the policy samples. The bottleneck head (MIBHead) trains beside the RM
     and is thrown away: the reward head never reads z. Every step's terms (the BT loss, the MI
@@ -247,7 +250,7 @@ def uml_rm(cfg, sft, batcher, pairs, prompts, samples, rng, seed, epochs, steps_
     head = MIBHead(sft.cfg.n_embd, cfg.z_dim)
     rm = new_rm(sft, cfg, batcher.device, seed, init)
     params = list(rm.parameters()) + list(head.to(batcher.device).train().parameters())
-    loop = RMLoop(params, pairs, cfg, seed, epochs, steps_per_epoch, desc)
+    loop = RMLoop(params, pairs, cfg, seed, epochs, steps_per_epoch, desc, newest)
     metrics = Metrics(cfg.out_dir, "rm_" + desc.replace(" ", "_"), tensorboard=cfg.tensorboard)
     for batch in loop:
         with autocast(cfg, batcher.device):

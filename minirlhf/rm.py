@@ -170,15 +170,21 @@ class RMLoop:
     MetaRM's): AdamW over `params`, `epochs` passes of `steps_per_epoch` batches of `pairs` in a
     shuffled order, the learning rate warmed up and decayed. Iterating yields each step's batch.
     `steps_per_epoch` (default: one pass over `pairs`) lets methods that add pairs to D train for
-    as many steps as the ones that do not."""
+    as many steps as the ones that do not. Every epoch holds each of `newest` once, however many
+    `pairs` there are (ALGORITHMS.md §2.3): the rest of it is drawn from `pairs`."""
 
-    def __init__(self, params, pairs, cfg, seed, epochs=None, steps_per_epoch=None, desc="rm"):
+    def __init__(self, params, pairs, cfg, seed, epochs=None, steps_per_epoch=None, desc="rm",
+                 newest=()):
         if not pairs:  # an epoch of no pairs never fills, and the loop would never end
             raise DataError(f"{desc}: no preference pairs to train on (each sampled pair had two "
                             "identical responses: raise --rm_pairs or --temperature)")
         self.opt = adamw(params, lr=cfg.rm_lr, weight_decay=cfg.weight_decay)
         self.pairs, self.cfg, self.desc, self.rng = pairs, cfg, desc, random.Random(seed)
+        self.newest = list(newest)
         self.steps_per_epoch = steps_per_epoch or max(1, len(pairs) // cfg.rm_batch)
+        if len(self.newest) > self.steps_per_epoch * cfg.rm_batch:
+            raise ValueError(f"{desc}: {len(self.newest)} newest pairs do not fit an epoch of "
+                             f"{self.steps_per_epoch} x {cfg.rm_batch}")
         self.total = (epochs or cfg.rm_epochs) * self.steps_per_epoch
         # a short run (a MetaRM round: one epoch) must still reach its decay: warmup is at most half
         self.warmup = min(cfg.warmup, self.total // 2)
@@ -189,14 +195,24 @@ class RMLoop:
                         disable=not dist.is_main())
         order = []
         for self.step in self.bar:
-            if self.step % per_epoch == 0:  # an epoch longer than the pairs goes round them again
-                order = []
-                while len(order) < per_epoch * cfg.rm_batch:
-                    order += self.rng.sample(self.pairs, len(self.pairs))
+            if self.step % per_epoch == 0:
+                order = self.epoch(per_epoch * cfg.rm_batch)
             for g in self.opt.param_groups:
                 g["lr"] = cosine_lr(self.step, self.total, cfg.rm_lr, self.warmup)
             first = (self.step % per_epoch) * cfg.rm_batch
             yield order[first:first + cfg.rm_batch]
+
+    def epoch(self, size):
+        """One epoch's order: every newest pair and `size` - len(newest) of `pairs` (an epoch longer
+        than the pairs goes round them again), shuffled together."""
+        rest = []
+        while len(rest) < size - len(self.newest):
+            rest += self.rng.sample(self.pairs, len(self.pairs))
+        if not self.newest:
+            return rest
+        order = self.newest + rest[:size - len(self.newest)]
+        self.rng.shuffle(order)
+        return order
 
     def log(self, stats):
         """After each step: stop on a non-finite loss, show the loss."""
@@ -220,11 +236,12 @@ def bt_step(rm, opt, batch, batcher, grad_clip):
 
 
 def fit_rm(sft, pairs, cfg, batcher, seed, epochs=None, steps_per_epoch=None, init=None,
-           desc="rm"):
+           desc="rm", newest=()):
     """An RM trained with the Bradley-Terry loss on `pairs` (ALGORITHMS.md §1.2): from the SFT
-    weights (or continuing `init`), `epochs` passes; returned in eval mode."""
+    weights (or continuing `init`), `epochs` passes, each holding every pair of `newest`;
+    returned in eval mode."""
     rm = new_rm(sft, cfg, batcher.device, seed, init)
-    loop = RMLoop(rm.parameters(), pairs, cfg, seed, epochs, steps_per_epoch, desc)
+    loop = RMLoop(rm.parameters(), pairs, cfg, seed, epochs, steps_per_epoch, desc, newest)
     for batch in loop:
         with autocast(cfg, batcher.device):
             loop.log(bt_step(rm, loop.opt, batch, batcher, cfg.grad_clip))

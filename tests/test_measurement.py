@@ -56,7 +56,8 @@ def test_every_rlp_method_and_the_control_take_the_same_number_of_rm_steps(train
         rlp.rlp_round(cfg, method, source, sft, rm, prefs, device)
         (_, pairs, *_), kwargs = calls[0]
         steps[method] = kwargs.get("steps_per_epoch") or len(pairs) // cfg.rm_batch
-        assert method == "control" or len(pairs) > len(prefs["train"]) + cfg.rm_batch  # more pairs
+        assert len(pairs) == len(prefs["train"])
+        assert method == "control" or len(kwargs["newest"]) > cfg.rm_batch  # more pairs
     assert steps["control"] == steps["oracle"]
 
 
@@ -266,3 +267,52 @@ def test_no_two_seeds_streams_or_rounds_share_a_draw():
                 found.add(s)
                 batches.add(tuple(task.sample_prompts(8, random.Random(s), "unlabelled")))
     assert len(batches) == len(found)
+
+
+def test_every_epoch_holds_each_newest_pair_however_many_pairs_came_before():
+    # an iterated round's epoch: D + 8 earlier rounds' pairs, and this round's 40 (v2 drew the
+    # epoch from all of them, so a new pair was in it with probability 60 / 380)
+    cfg = smoke("unused", "--rm_batch=4")
+    earlier = [("p", f"old {i}", "y") for i in range(380)]
+    newest = [("p", f"new {i}", "y") for i in range(40)]
+    loop = rm_stage.RMLoop([torch.nn.Parameter(torch.zeros(1))], earlier, cfg, seed=0, epochs=2,
+                           steps_per_epoch=15, newest=newest)
+    batches = list(loop)
+    for epoch in (batches[:15], batches[15:]):
+        seen = [pair for batch in epoch for pair in batch]
+        assert len(seen) == 60 and all(seen.count(pair) == 1 for pair in newest)
+
+
+def test_an_iterated_round_trains_on_its_new_pairs_as_newest(trained, monkeypatch):
+    from minirlhf.study.iterated import iterated_rounds
+    out, (device, source, sft, rm) = trained
+    calls = []
+    recording(monkeypatch, rlp, "fit_rm", calls)
+    iterated_rounds(smoke(out, "--rounds=2", "--iters=4", "--oracle_pairs=50"), "oracle-iter",
+                    source, sft, rm, load_preferences(out), device)
+    (_, pairs1, *_), first = calls[0]
+    (_, pairs2, *_), second = calls[1]
+    d = len(load_preferences(out)["train"])
+    assert len(pairs1) == d and len(first["newest"]) == 50
+    # round 2: D and round 1's pairs fill the epoch; its own 50 are each in every epoch
+    assert pairs2[d:] == first["newest"] and len(second["newest"]) == 50
+    assert not set(second["newest"]) & set(pairs2)
+
+
+def test_a_later_round_goes_on_with_the_ppo_state_of_the_round_before(trained, monkeypatch):
+    out, (device, source, sft, rm) = trained
+    cfg = smoke(out, "--rounds=2", "--iters=4")
+    starts, original = [], ppo_trainer.rollout
+
+    def rollout(policy, ref, critic, *args):
+        starts.append(({k: v.clone() for k, v in critic.state_dict().items()}, args[-1]))
+        return original(policy, ref, critic, *args)
+    monkeypatch.setattr(ppo_trainer, "rollout", rollout)
+    metarm.meta_rounds(cfg, "vanilla-rounds", source, sft, load_preferences(out), device)
+    round1 = torch.load(f"{out}/vanilla-rounds_r1.pt", weights_only=True)
+    first, second = ppo_trainer.round_lengths(4, 2)
+    critic, kl_coef = starts[first]  # round 2's first iteration
+    assert all(torch.equal(critic[k], v) for k, v in round1["critic"].items())
+    assert kl_coef == round1["kl_coef"]
+    round2 = torch.load(f"{out}/vanilla-rounds_r2.pt", weights_only=True)
+    assert round2["opt_v"]["state"][0]["step"] == round1["opt_v"]["state"][0]["step"] * (1 + second / first)

@@ -34,12 +34,12 @@ def iterated_rounds(cfg, name, source, sft, rm, prefs, device):
         prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
         samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0, gen)
         # SPG ranks by the RM in use so far; the oracle's pairs accumulate over the rounds; round
-        # r > 1 continues round r - 1's RM, which keeps what it learnt (from SFT, the accumulated
-        # pairs would dilute the newest ones within the same steps)
+        # r > 1 continues round r - 1's RM, which keeps what it learnt, for an epoch that holds
+        # each of the round's new pairs and fills the rest from D and the earlier rounds' pairs
         new, stats = added_pairs(cfg, method, task, batcher, rm, prompts, samples, rng)
-        rm = retrain_rm(cfg, method, sft, batcher, prefs, added + new, prompts, samples, rng,
+        rm = retrain_rm(cfg, method, sft, batcher, prefs, new, prompts, samples, rng,
                         seeds.stream(cfg.seed, seeds.ITER_RM, r), init=rm if r > 1 else None,
-                        desc=f"{name} r{r}")
+                        desc=f"{name} r{r}", earlier=added)
         added += new if method.oracle else []
         rm_row = {"held_out_acc_gold": rm_accuracy(rm, batcher, prefs["held_clean"]),
                   "rm_acc_policy_pairs": rm_accuracy(rm, batcher, held_out_policy_pairs(
