@@ -119,9 +119,13 @@ def best_of_n(sft, rm, task, batcher, prompts, temperature, generator, n_max):
 
 def summarize(history):
     """The first (under "sft": the SFT policy's, except in a round that continues a policy,
-    whose first evaluation is its own), final and peak-gold evaluations, and the whole curve
-    (iter, KL, proxy, gold). The keys are results.json's cell format."""
+    whose first evaluation is its own), final and peak-gold evaluations, the whole curve
+    (iter, KL, proxy, gold) and the evaluation prompts' keys (GoldJudge records them with its
+    first evaluation). The keys are results.json's cell format."""
+    keys = history[0].get("prompt_keys")
+    history = [{k: v for k, v in h.items() if k != "prompt_keys"} for h in history]
     peak = max(history, key=lambda h: h["eval/gold"])
-    keys = ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate", "gold_per_prompt")
-    curve = [{k: h[k] for k in keys} for h in history]
-    return {"sft": history[0], "final": history[-1], "peak_gold": peak, "curve": curve}
+    fields = ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate", "gold_per_prompt")
+    curve = [{k: h[k] for k in fields} for h in history]
+    return {"sft": history[0], "final": history[-1], "peak_gold": peak, "curve": curve,
+            "prompt_keys": keys}

@@ -186,7 +186,10 @@ class GoldJudge:
                           seeds.generators(self.device, cfg.seed, seeds.PPO_ITERATION,
                                            self.segment.first_iter + it, seeds.EVALUATION)[1])
         samples = ev.pop("samples")
-        self.history.append({"iter": it, **ev})
+        point = {"iter": it, **ev}
+        if not self.history:  # once a run: the split-half peak holds out prompt keys (§4.3)
+            point["prompt_keys"] = [self.task.prompt_key(p) for p in self.prompts]
+        self.history.append(point)
         metrics.log(iter=it, **{k: v for k, v in ev.items() if k != "gold_per_prompt"})
         if it % cfg.sample_every == 0 or it == cfg.iters:
             print(f"\n--- iteration {it}: gold {ev['eval/gold']:.3f}  "

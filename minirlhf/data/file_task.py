@@ -11,6 +11,7 @@ data prefers, i.e. over-optimisation of a small proxy against a larger one. What
 a human would agree; the gold RM has its own blind spots, which the policy may find too.
 """
 import os
+import zlib
 
 from ..model import load_model, save_model
 from ..plumbing import seeds
@@ -59,6 +60,11 @@ class FileTask:
     def text(self, response):
         """A response as a person reads it (a sampled one's token ids decoded)."""
         return self.batcher.tok.text(response)
+
+    @staticmethod
+    def prompt_key(prompt):
+        """A dialogue's key: a hash of its text (short enough to keep one per evaluation prompt)."""
+        return f"{zlib.crc32(prompt.encode()):08x}"
 
 
 def gold_rm_path(out_dir):

@@ -9,6 +9,8 @@ Conventions shared by every task:
   is fluent but mediocre and carries a built-in spurious correlation that a proxy RM trained on
   few pairs can pick up;
 - `semantic_key(prompt, response)` says when two responses mean the same thing (RLP-SPG's clusters);
+- `prompt_key(prompt)` says when two prompts ask the same thing (the report's split-half peak holds
+  out prompt keys, not only samples);
 - `sample_prompts(n, rng, split)`: split is 'sft' (anything), 'pref' (preference data), 'unlabelled'
   (policy samples for RLP/MetaRM), 'eval' (held-out judge prompts), 'ood' (topics never in the
   preference data) or 'ood-eval' (held-out OOD judge prompts). The first four are disjoint by
@@ -65,6 +67,10 @@ class Task:
         """gold(prompt, response) of each pair, as a list."""
         return [self.gold(p, y) for p, y in zip(prompts, responses)]
 
+    def prompt_key(self, prompt):
+        """What a prompt asks, as a short string: its text (`12 + 7 =`)."""
+        return prompt
+
 
 # ==================================================================================================
 class Reviews(Task):
@@ -119,6 +125,12 @@ class Reviews(Task):
     def parse_prompt(prompt):
         words = prompt.split()
         return words[1:-2], words[-2]  # topics, tone
+
+    def prompt_key(self, prompt):
+        """The topics (in any order) and the tone: `review soup pizza positive :` and `review
+        pizza soup positive :` ask the same thing."""
+        topics, tone = self.parse_prompt(prompt)
+        return " ".join(sorted(topics) + [tone])
 
     # ---- the demonstrator (SFT data) ----
     def demonstrate(self, prompt, rng):
