@@ -16,9 +16,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_mean_ci_by_hand():
     mean, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
     assert mean == 3.0
-    assert math.isclose(half, 2.776 * math.sqrt(2.5) / math.sqrt(5), rel_tol=1e-9)  # t(0.975, df=4) = 2.776
+    assert math.isclose(half, 2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel_tol=1e-7)  # t(0.975, df=4)
     assert mean_ci([7.0]) == (7.0, 0.0)
-    assert t95(12) == t95(10) and t95(200) == 1.96
+    # the exact quantiles (v2 took the nearest tabulated df at or below: 2.228 for df 14)
+    for df, t in ((1, 12.7062047), (2, 4.3026527), (7, 2.3646243), (14, 2.1447867), (29, 2.0452296),
+                  (200, 1.9718962)):
+        assert t95(df) == pytest.approx(t, abs=1e-6)
     assert fmt(1.0, 0.5, 3) == "1.000 ± 0.500" and fmt(1.0, 0.0, 1) == "1.000"
     assert fmt(0.25, 0.5, 3, signed=True) == "+0.250 ± 0.500" and fmt(-0.25, 0.0, 1, signed=True) == "-0.250"
 
@@ -94,7 +97,8 @@ def test_a_claim_reads_by_the_pre_registered_rule():
 def test_claims_come_from_the_paired_contrasts():
     from minirlhf.study.contrasts import claims, paired_differences
     def run(gold):  # a run whose gold is `gold` all along its way to KL 3
-        return [{"eval/kl": float(k), "eval/gold": gold, "gold_per_prompt": [gold] * 4} for k in range(4)]
+        return {"curve": [{"eval/kl": float(k), "eval/gold": gold, "gold_per_prompt": [gold] * 4}
+                          for k in range(4)], "prompt_keys": ["a", "b", "c", "d"]}
     seeds = [f"seed{i}" for i in range(10)]
     curves = {m: {s: run(g + 0.01 * i) for i, s in enumerate(seeds)}
               for m, g in (("ppo", 1.0), ("control", 1.0), ("uml", 2.0), ("spg", 1.0))}
@@ -105,9 +109,9 @@ def test_claims_come_from_the_paired_contrasts():
     assert len(uml) == 4 and all(r["holm"] == pytest.approx(16 / 1024) for r in uml)
     assert claims(rows) == [("uml", "control", "reproduces"), ("spg", "control", "contradicted")]
     from minirlhf.study.report import paired_lines
-    per_seed = {m: {s: {"curve": c} for s, c in runs.items()} for m, runs in curves.items()}
-    text = "\n".join(paired_lines(per_seed, list(per_seed), 0.1))
-    assert "| RLP-SPG − control | KL-grid mean | +0.000 ± 0.000 | 0/10 | 1.000 | 1.000 | equivalent (±0.1) |" in text
+    text = "\n".join(paired_lines(curves, list(curves), 0.1))
+    assert ("| RLP-SPG − control | KL-grid mean | +0.000 ± 0.000 | 0/10 (10 tied) | 1.000 | 1.000 "
+            "| equivalent (±0.1) |") in text
     assert "| RLP-SPG | control | contradicted |" in text
     curves["uml"]["seed0"] = run(0.0)  # one seed behind: the interval still excludes 0, Holm's p does not
     assert claims(paired_differences(curves, delta=0.1))[0] == ("uml", "control", "cannot decide")
@@ -149,27 +153,83 @@ def test_primary_endpoints_and_the_paired_analysis():
              {"eval/kl": 4.0, "eval/gold": 2.0, "gold_per_prompt": [1.0, 3.0, 1.0, 3.0]}]
     assert kl_grid_mean(curve, 4) == pytest.approx((2.0 + 3.0 + 2.5 + 2.0) / 4)
     assert kl_grid_mean(curve, 5) is None  # the run never reaches KL 5
-    # chosen on the even prompts (the KL-2 evaluation: 5.0), measured on the odd ones (1.0): the
-    # same-prompt peak (3.0) would be biased upward
-    assert split_half_peak(curve) == 1.0
+    # chosen on one half of the prompt keys, measured on the other: the same-prompt peak (3.0)
+    # would be biased upward
+    assert split_half_peak({"curve": curve, "prompt_keys": ["x", "y", "x", "y"]}) == 1.0
+    assert split_half_peak({"curve": curve, "prompt_keys": ["x"] * 4}) is None  # one key: no halves
     short = curve[:2]
-    assert endpoints(curve, short)["KL-grid mean"] == (kl_grid_mean(curve, 2), kl_grid_mean(short, 2))
+    assert endpoints({"curve": curve}, {"curve": short})["KL-grid mean"] == (
+        kl_grid_mean(curve, 2), kl_grid_mean(short, 2))
     assert sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8  # only all-plus and all-minus are as extreme
     assert sign_flip_p([1.0, -1.0]) == 1.0
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
-def test_sign_flip_by_sampling_beyond_16_seeds_and_holm_capped_at_1():
+def test_the_split_half_peak_holds_out_prompt_keys_not_only_samples():
+    from minirlhf.study.contrasts import key_halves, split_half_peak
+    keys = ["a", "a", "b", "b", "c", "c", "d", "d"]  # each prompt asked twice, side by side
+    halves = key_halves(keys)
+    assert all(halves[i] == halves[i + 1] for i in range(0, 8, 2)) and sorted(halves) == [0] * 4 + [1] * 4
+    # evaluation 1 is lucky on the first copy of every prompt, evaluation 2 better on every prompt
+    # of half 1: the peak chosen on half 0 is evaluation 1, measured on half 1's other prompts
+    lucky = [{"eval/kl": 1.0, "eval/gold": 0.0, "gold_per_prompt": [1.0, 0.0] * 4},
+             {"eval/kl": 2.0, "eval/gold": 0.0, "gold_per_prompt": [0.5 * h for h in halves]}]
+    assert split_half_peak({"curve": lucky, "prompt_keys": keys}) == 0.5
+    # (split by index, half 0 would hold one copy of each prompt and half 1 the other)
+
+
+def test_the_kl_grid_ends_where_both_runs_end_not_at_a_spike():
+    from minirlhf.study.contrasts import endpoints, kl_grid_mean
+    point = lambda kl: {"eval/kl": kl, "eval/gold": kl}
+    spiky, steady = [point(0.0), point(1.0), point(9.0), point(2.5)], [point(0.0), point(5.0)]
+    # v2's K = int(min(9.0, 5.0)) = 5, which the spiky run only passed in its spike
+    assert endpoints({"curve": spiky}, {"curve": steady})["KL-grid mean"] == (
+        kl_grid_mean(spiky, 2), kl_grid_mean(steady, 2))
+
+
+def test_sign_flip_is_exact_up_to_40_seeds_and_sampled_beyond():
     import itertools
     import random
 
-    from minirlhf.study.stats import holm, sign_flip_p
-    d = [random.Random(1).gauss(0.3, 1.0) for _ in range(17)]
+    from minirlhf.study.stats import DRAWS, holm, sign_flip_p, signed_sums
+    rng = random.Random(1)
+    d = [rng.gauss(0.3, 1.0) for _ in range(17)]
     exact = sum(abs(sum(s * x for s, x in zip(signs, d))) >= abs(sum(d)) - 1e-12
                 for signs in itertools.product((1, -1), repeat=17)) / 2 ** 17
-    assert abs(sign_flip_p(d) - exact) < 0.01  # 20,000 random sign patterns: standard error < 0.004
-    assert sign_flip_p([1.0] * 20) < 1e-3
+    assert sign_flip_p(d) == exact  # v2 sampled 20,000 patterns beyond 16 seeds
+    d = [rng.gauss(0.1, 1.0) for _ in range(20)]
+    assert sign_flip_p(d) == (abs(signed_sums(d)) >= abs(sum(d)) - 1e-9).mean()
+    # 41 seeds, 24 ahead by 1 and 17 behind by 1: a flipped sum is 41 - 2K, K ~ Binomial(41, 1/2)
+    exact = sum(math.comb(41, k) for k in range(42) if abs(41 - 2 * k) >= 7) / 2 ** 41
+    assert abs(sign_flip_p([1.0] * 24 + [-1.0] * 17) - exact) < 4 * 0.5 / DRAWS ** 0.5
+    assert sign_flip_p([0.0] * 5) == 1.0
     assert holm([0.5, 0.6]) == [1.0, 1.0]
+
+
+def test_seeds_better_counts_ties_apart():
+    from minirlhf.study.report import better
+    assert better([0.5, 0.0, -0.1, 0.0]) == "1/4 (2 tied)" and better([0.5, -0.1]) == "1/2"
+
+
+def test_a_run_of_rounds_cut_short_is_an_error_not_a_dropped_seed(tmp_path):
+    from minirlhf.study.config import ReportConfig
+    from minirlhf.study.report import write_report
+    point = {"iter": 0, "eval/kl": 0.0, "eval/proxy": 0.0, "eval/gold": 0.0, "eval/win_rate": 0.5}
+    summary = {"sft": point, "final": point, "peak_gold": point, "curve": [point]}
+    results = {f"reviews/seed{s}/metarm": {"rounds": [{"round": r, **summary} for r in range(1, n + 1)]}
+               for s, n in ((0, 3), (1, 2))}
+    cfg = ReportConfig(out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="reviews/seed1/metarm: 2 rounds where other seeds have 3"):
+        write_report(cfg, results, ["metarm"])
+
+
+def test_a_cell_from_before_v3_is_refused_by_the_v3_report(tmp_path):
+    from minirlhf.study.config import ReportConfig
+    from minirlhf.study.report import write_report
+    with open(os.path.join(ROOT, "results", "results.json")) as f:  # the committed v2 report's cells
+        results = json.load(f)
+    with pytest.raises(ValueError, match="reviews/seed0/big-rm: no prompt_keys .* commit f1b2926"):
+        write_report(ReportConfig(out_dir=str(tmp_path)), results, ["big-rm", "ppo"])
 
 
 def test_policy_minus_best_of_n_at_its_kl():

@@ -1,6 +1,8 @@
 """The pre-registered analysis (ALGORITHMS.md §4.3): each run's primary endpoints, the
 paired contrasts between methods with Holm's adjustment, how each contrast reads, and what that
 says about each paper's claim. report.py formats the result."""
+import zlib
+
 from .stats import holm, mean_ci, sign_flip_p
 
 
@@ -22,27 +24,47 @@ def kl_grid_mean(curve, K):
     return None if K < 1 or None in golds else sum(golds) / K
 
 
-def split_half_peak(curve):
-    """Primary endpoint 2: the evaluation with the best gold on the even-numbered held-out
-    prompts, reported on the odd-numbered ones, so that the peak is not chosen on the prompts that
-    measure it (None without per-prompt gold)."""
-    points = [p for p in curve if p.get("gold_per_prompt")]
-    if not points:
-        return None
+def key_halves(keys):
+    """The split-half peak's halves (pre-registered for v3, docs/protocol.md): the distinct prompt
+    keys ranked by a stable hash go to halves 0 and 1 in turn, and every prompt to its key's half,
+    so that no prompt (nor a reordering of it) is in both. Returns each prompt's half."""
+    ranked = sorted(set(keys), key=lambda k: (zlib.crc32(k.encode()), k))
+    half = {k: i % 2 for i, k in enumerate(ranked)}
+    return [half[k] for k in keys]
 
-    def half(point, k):
-        gold = point["gold_per_prompt"][k::2]
+
+def split_half_peak(run):
+    """Primary endpoint 2: the evaluation of a run (a summary: its curve and its evaluation
+    prompts' keys) with the best gold on half 0 of the prompt keys, reported on half 1, so that
+    the peak is not chosen on the prompts that measure it (None without per-prompt gold, or
+    with fewer than two keys)."""
+    points = [p for p in run["curve"] if p.get("gold_per_prompt")]
+    keys = run.get("prompt_keys") or []
+    if not points or len(set(keys)) < 2:
+        return None
+    halves = key_halves(keys)
+
+    def half(point, h):
+        gold = [g for g, x in zip(point["gold_per_prompt"], halves) if x == h]
         return sum(gold) / len(gold)
     return half(max(points, key=lambda p: half(p, 0)), 1)
 
 
+def grid_end(a, b):
+    """K of the KL grid (pre-registered for v3, docs/protocol.md): the largest integer KL that
+    both runs' curves end at or above, so that one evaluation's spike does not set it (v2 took
+    the largest KL both runs ever reached)."""
+    return int(min(a[-1]["eval/kl"], b[-1]["eval/kl"]))
+
+
 def endpoints(a, b):
-    """Both runs' endpoints on a common footing: (KL-grid mean with K the largest integer KL both
-    reach, split-half peak, gold at KL 2), as (a's, b's) pairs; None where not measurable."""
-    K = int(min(max(p["eval/kl"] for p in a), max(p["eval/kl"] for p in b)))
-    return {"KL-grid mean": (kl_grid_mean(a, K), kl_grid_mean(b, K)),
+    """Two runs' endpoints on a common footing (a run: its summary, with its curve and prompt
+    keys): (KL-grid mean up to grid_end, split-half peak, gold at KL 2), as (a's, b's) pairs;
+    None where not measurable."""
+    K = grid_end(a["curve"], b["curve"])
+    return {"KL-grid mean": (kl_grid_mean(a["curve"], K), kl_grid_mean(b["curve"], K)),
             "split-half peak": (split_half_peak(a), split_half_peak(b)),
-            "gold at KL 2": (gold_at_kl(a, 2.0), gold_at_kl(b, 2.0))}
+            "gold at KL 2": (gold_at_kl(a["curve"], 2.0), gold_at_kl(b["curve"], 2.0))}
 
 
 # The pre-registered contrasts (ALGORITHMS.md §4.3): (method, baseline). Every method against
@@ -80,19 +102,19 @@ def verdict(diffs, holm_p, delta):
 PRIMARY = ("KL-grid mean", "split-half peak")
 
 
-def paired_differences(curves, delta):
-    """Every pre-registered contrast whose two methods ran: `curves` maps a method to its
-    trajectory per seed ({seed: curve}). One row per contrast and endpoint (primary ones first in
+def paired_differences(runs, delta):
+    """Every pre-registered contrast whose two methods ran: `runs` maps a method to its run's
+    summary per seed ({seed: summary}, a run of rounds joined). One row per contrast and endpoint (primary ones first in
     each contrast, then gold at KL 2): dict(method, baseline, endpoint, diffs over common seeds,
     p, and for the primary endpoints the Holm-adjusted p over contrasts x primary endpoints and the
     reading)."""
     rows = []
     for a, b in CONTRASTS:
-        if a not in curves or b not in curves:
+        if a not in runs or b not in runs:
             continue
         diffs = {}
-        for s in sorted(set(curves[a]) & set(curves[b])):
-            for endpoint, (x, y) in endpoints(curves[a][s], curves[b][s]).items():
+        for s in sorted(set(runs[a]) & set(runs[b])):
+            for endpoint, (x, y) in endpoints(runs[a][s], runs[b][s]).items():
                 if x is not None and y is not None:
                     diffs.setdefault(endpoint, []).append(x - y)
         for endpoint in PRIMARY + ("gold at KL 2",):

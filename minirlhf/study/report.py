@@ -6,7 +6,7 @@ import os
 
 from ..evaluate import win_tie_lose
 from .contrasts import SMALLEST_EFFECT, claims, gold_at_kl, paired_differences
-from .stats import mean_ci
+from .stats import DRAWS, EXACT_UP_TO, mean_ci
 
 MATCHED_KL = (1.0, 2.0, 4.0, 8.0)
 
@@ -41,19 +41,30 @@ def label(name):
     return LABELS.get(method, method) + name[len(method):]
 
 
+def better(diffs):
+    """Seeds better out of all, exact ties counted apart: '9/16', '9/16 (2 tied)'."""
+    ties = sum(x == 0 for x in diffs)
+    return f"{sum(x > 0 for x in diffs)}/{len(diffs)}" + (f" ({ties} tied)" if ties else "")
+
+
 def paired_lines(per_seed, names, delta):
     """report.md's paired-difference section, each pre-registered contrast on each endpoint (mean
     difference with its paired 95% t-interval, seeds better, sign-flip p, Holm's p and the reading),
     and its claims section: what the readings say about each paper's claim."""
     # a run of rounds is its last round, whose curve holds all of them
-    curves = {method_of(name): {s: x["curve"] for s, x in per_seed[name].items()}
-              for name in trajectories(names)}
-    rows = paired_differences(curves, delta)
-    lines = ["", "## Paired differences (pre-registered contrasts; README)", "",
+    runs = {method_of(name): per_seed[name] for name in trajectories(names)}
+    rows = paired_differences(runs, delta)
+    most = max((len(r["diffs"]) for r in rows), default=0)
+    test = ("exact: every sign pattern" if most <= EXACT_UP_TO else
+            f"{DRAWS:,} random sign patterns beyond {EXACT_UP_TO} seeds, standard error "
+            f"≤ {0.5 / math.sqrt(DRAWS):.4f}")
+    lines = ["", "## Paired differences (pre-registered contrasts; docs/protocol.md)", "",
              "Per seed, the method's run minus its baseline's on the same seed (same SFT, proxy RM "
              "and evaluation prompts). KL-grid mean: mean gold at KL 1, 2, ..., K, K the "
-             "largest integer KL both runs reach; split-half peak: the best evaluation on half the "
-             "prompts, measured on the other half. p: two-sided sign-flip test; Holm: adjusted "
+             "largest integer KL both runs end at or above; split-half peak: the best evaluation "
+             "on half the prompt keys, measured on the other half. Seeds better: differences "
+             "> 0, exact ties counted apart. p: two-sided sign-flip test "
+             f"({test}); Holm: adjusted "
              "over the contrasts x the two primary endpoints (gold at KL 2 is secondary, "
              "unadjusted). Reading (pre-registered): better or worse when Holm's p < 0.05, "
              f"equivalent when the 95% interval lies inside ±{delta:.2g} gold, else undecided.",
@@ -69,11 +80,11 @@ def paired_lines(per_seed, names, delta):
             reading += f" (±{delta:.2g})"
         lines.append(f"| {label(r['method'])} − {label(r['baseline'])} | {r['endpoint']} "
                      f"| {fmt(*mean_ci(d), len(d), signed=True)} "
-                     f"| {sum(x > 0 for x in d)}/{len(d)} | {r['p']:.3f} | {holm_p} "
+                     f"| {better(d)} | {r['p']:.3f} | {holm_p} "
                      f"| {reading} |")
     found = claims(rows)
     if found:
-        lines += ["", "## Claims (pre-registered reading; README)", "",
+        lines += ["", "## Claims (pre-registered reading; docs/protocol.md)", "",
                   "A paper's claim that its method helps reproduces when the method reads better "
                   "on at least one primary endpoint and worse on none, both against PPO and "
                   "against its matching control; it is contradicted when, against PPO or against "
@@ -120,8 +131,7 @@ def bon_lines(per_seed, names, bon):
         cols = []
         for i in ns:
             d = minus_bon(name, i)
-            better = f"{sum(x > 0 for x in d)}/{len(d)}"
-            cols.append(f"{fmt(*mean_ci(d), len(d), signed=True)} ({better})" if d else "n/a")
+            cols.append(f"{fmt(*mean_ci(d), len(d), signed=True)} ({better(d)})" if d else "n/a")
         lines.append(f"| {label(name)} | " + " | ".join(cols) + " |")
     return lines
 
@@ -169,9 +179,13 @@ def agg(by_seed, get, n_seeds, digits=3):
 
 def summary_lines(cfg, per_seed, names, n_seeds):
     """The title and the final/peak table, SFT first (vanilla PPO's iteration 0)."""
+    distinct = [len(set(x["prompt_keys"])) for by_seed in per_seed.values()
+                for x in by_seed.values() if x.get("prompt_keys")]
+    keys = (f" ({min(distinct)}–{max(distinct)} distinct prompt keys a seed: the prompts repeat)"
+            if distinct else "")
     lines = [f"# minirlhf reproduction report: `{cfg.task}`, {n_seeds} seed(s)", "",
              f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on "
-             f"{cfg.eval_prompts} held-out prompts; win-rate vs SFT counts ties as half. "
+             f"{cfg.eval_prompts} held-out prompts{keys}; win-rate vs SFT counts ties as half. "
              "'final' is the last PPO iteration, 'peak' the best-gold evaluation. Round r (of "
              "MetaRM or an iterated method) continues round r-1's policy: its curve and "
              "matched-KL gold cover rounds 1..r, its peak round r alone.", "",
@@ -251,6 +265,19 @@ def diagnostics_lines(per_seed, names, n_seeds):
     return lines
 
 
+def short_runs_of_rounds(task, seeds, methods, cell):
+    """Refuse a run of rounds with fewer rounds than the same method's other seeds: it would drop
+    out of every contrast unseen (a contrast pairs each run's last round)."""
+    for m in methods:
+        rounds = {s: len(cell[(s, m)]["rounds"]) for s in seeds
+                  if cell[(s, m)] and "rounds" in cell[(s, m)]}
+        for s, n in rounds.items():
+            if n < max(rounds.values()):
+                raise ValueError(f"results.json cell {task}/{s}/{m}: {n} rounds where other seeds "
+                                 f"have {max(rounds.values())}: rerun it (a run cut short is not "
+                                 "left out of the contrasts silently)")
+
+
 def write_report(cfg, results, methods):
     """out_dir/<task>/report.md and curves.csv (and curves.png) from results.json's
     cells of `methods`."""
@@ -264,6 +291,12 @@ def write_report(cfg, results, methods):
                 if name not in per_seed:
                     names.append(name)
                 per_seed.setdefault(name, {})[s] = summ
+    short_runs_of_rounds(cfg.task, seeds, methods, cell)
+    for (s, m), c in cell.items():
+        if any("prompt_keys" not in summ for _, summ in policies(c, m)):
+            raise ValueError(f"results.json cell {cfg.task}/{s}/{m}: no prompt_keys (a cell from "
+                             "before measurement v3): commit f1b2926 rebuilds its report "
+                             "(docs/protocol.md)")
     bon = {s: cell[(s, "bon")] for s in seeds if cell[(s, "bon")]}
     lines = (summary_lines(cfg, per_seed, names, len(seeds))
              + (bon_curve_lines(bon) + bon_lines(per_seed, names, bon) if bon else [])
