@@ -7,14 +7,20 @@
     python bench.py --only=ppo --n_layer=4 --n_embd=128 --n_head=4 --vocab=256 --batch=64 \\
         --prompt_len=16 --new_tokens=48 --threads=1 --json
     python bench.py --only=generate --weights=DIR --new_tokens=48 --threads=1 --json
+    # what one seed of the report costs, per method, and where its time goes (a tuning seed;
+    # about 90 core-minutes on `reviews`)
+    python bench.py --only=report-seed --preset=report --task=reviews --seed=100 --threads=1
 """
+import contextlib
 import json
 import os
+import sys
 from dataclasses import fields
 
 import torch
 
 from minirlhf.bench.config import BenchConfig
+from minirlhf.bench.cost import report_seed_cost
 from minirlhf.bench.peers import PROMPT_FIELDS, bench_generate_peer, bench_ppo_peer
 from minirlhf.bench.table import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
                                   peak_memory)
@@ -32,11 +38,23 @@ READS = {"": ("sizes", "device", "task", "rollout_batch", "minibatch", "ppo_epoc
               "grad_clip", "vf_clip", "vf_coef"),
          "ppo": ("n_layer", "n_head", "n_embd", "vocab", "batch", "prompt_len", "new_tokens",
                  "reps", "seed"),
-         "generate": ("weights", "new_tokens", "reps", "seed")}
+         "generate": ("weights", "new_tokens", "reps", "seed"),
+         "report-seed": ("task", "seed")}
 
 
 def run(cfg):
     device = setup(cfg)
+    if cfg.only == "report-seed":
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(
+                quiet if cfg.json else sys.stdout):  # the runs' own printing
+            result = report_seed_cost(cfg)
+        if not cfg.json:
+            print_table([{"step": k, **v} for k, v in result["steps"].items()],
+                        ["step", "core_min", "wall_min"])
+            print_table([{"part": k, "seconds": v} for k, v in result["profile_s"].items()],
+                        ["part", "seconds"])
+        print(json.dumps(result))
+        return
     if cfg.only:
         result = (bench_ppo_peer if cfg.only == "ppo" else bench_generate_peer)(cfg)
         print(json.dumps(result) if cfg.json else json.dumps(result, indent=2))
@@ -62,7 +80,10 @@ def run(cfg):
 
 def check(cfg):
     if cfg.only not in READS:
-        raise UsageError(f"--only={cfg.only!r}: expected 'ppo' or 'generate'")
+        raise UsageError(f"--only={cfg.only!r}: expected 'ppo', 'generate' or 'report-seed'")
+    if cfg.only == "report-seed" and cfg.seed < 100:
+        raise UsageError(f"--seed={cfg.seed}: --only=report-seed runs on a tuning seed (>= 100), "
+                         "never on one the report measures")
     plain = parse_args([f"--preset={cfg.preset}"], BenchConfig)
     reads = READS[cfg.only] + ("threads", "only", "json", "preset", "out_dir")
     for f in fields(cfg):
@@ -76,8 +97,8 @@ def check(cfg):
         raise UsageError(f"--sizes={cfg.sizes!r}: unknown size {unknown[0]!r}, expected a "
                          f"comma-separated list of {', '.join(SIZES)}")
     if cfg.json and not cfg.only:
-        raise UsageError("--json=True: is for --only=ppo or --only=generate (the default table is "
-                         "text)")
+        raise UsageError("--json=True: is for --only=ppo, generate or report-seed (the default "
+                         "table is text)")
     if cfg.only == "ppo" and cfg.batch % 4:
         raise UsageError(f"--batch={cfg.batch}: must be a multiple of 4 (4 minibatches)")
     if cfg.only == "ppo" and cfg.vocab < 3:

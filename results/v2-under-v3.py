@@ -6,7 +6,9 @@ from minirlhf.data.tasks import get_task
 from minirlhf.study import contrasts as C, stats as S
 from minirlhf.study.report import policies, trajectories, method_of
 
-R = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")))
+# a v2 results.json: the report's (default) or the v2 pilot's (results/pilot/results.json)
+R = json.load(open(sys.argv[1] if len(sys.argv) > 1 else
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")))
 T95_V2 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
           10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 def t95_v2(df):
@@ -70,7 +72,8 @@ key = C.split_half_peak
 for task in ("reviews", "arith"):
     print(f"\n===== {task}")
     # distinct prompts
-    dist = [(len(set(v2_keys(task, s)[0])), len(set(v2_keys(task, s)[1]))) for s in range(16)]
+    present = sorted({int(k.split("/")[1][4:]) for k in R if k.startswith(task + "/")})
+    dist = [(len(set(v2_keys(task, s)[0])), len(set(v2_keys(task, s)[1]))) for s in present]
     print("distinct eval prompt strings / keys per seed: strings %d-%d, keys %d-%d" % (
         min(d[0] for d in dist), max(d[0] for d in dist), min(d[1] for d in dist), max(d[1] for d in dist)))
     variants = {"v2": (v2k, idx, t95_v2), "t exact": (v2k, idx, S.t95), "K robust": (v3k, idx, t95_v2),

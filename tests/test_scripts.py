@@ -224,3 +224,44 @@ def test_sft_starts_from_a_gpt2_checkpoint_with_rows_for_our_special_tokens(tmp_
     bad = subprocess.run([sys.executable, "train_ppo.py", "--preset=smoke", f"--init_from={tmp_path / 'gpt2'}"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--init_from=" in bad.stderr and "needs --data=FILE" in bad.stderr
+
+
+def test_the_report_seed_benchmark_times_every_method_and_charges_every_second():
+    from minirlhf.study.cells import METHODS
+    r = subprocess.run([sys.executable, "bench.py", "--only=report-seed", "--preset=smoke", "--seed=100",
+                        "--threads=1", "--json=True"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [line] = r.stdout.splitlines()  # --json: the JSON line alone
+    result = json.loads(line)
+    assert list(result["steps"]) == ["SFT and proxy RM", *METHODS]
+    assert all(s["core_min"] > 0 for s in result["steps"].values())
+    assert result["core_min"] == pytest.approx(sum(s["core_min"] for s in result["steps"].values()))
+    # every second of the run is charged to one part: the parts add up to the wall time
+    assert sum(result["profile_s"].values()) == pytest.approx(60 * result["wall_min"], rel=0.02)
+    assert all(result["profile_s"][part] > 0 for part in ("generation", "PPO update", "RM training"))
+
+
+def test_the_cost_profile_charges_a_call_to_its_outermost_sticky_part(monkeypatch):
+    from minirlhf.bench import cost
+    clock = [0.0]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+    profile = cost.Profile()
+
+    def spend(seconds, inner=None):
+        def run():
+            clock[0] += seconds
+            if inner:
+                inner()
+            clock[0] += seconds
+        return run
+    forward = profile.charged(spend(1.0), "log-prob and score passes", False)
+    generation = profile.charged(spend(2.0, forward), "generation", True)  # its passes are its own
+    gold = profile.charged(spend(0.5, forward), "gold judging", False)  # a pass inside is a pass
+    for call in (generation, gold, forward):
+        call()
+    clock[0] += 3.0  # between the calls: the rest
+    profile.switch()
+    assert profile.seconds == {"generation": 6.0, "PPO update": 0.0, "RM training": 0.0,
+                               "log-prob and score passes": 4.0, "gold judging": 1.0,
+                               "Python and the rest": 3.0}
+

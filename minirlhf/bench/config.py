@@ -12,7 +12,8 @@ class Bench:
     'gpt2-small'."""
     only: str = ""
     """'' (the default table), 'ppo' or 'generate': one JSON line comparable with ../shared/peers'
-    TRL PPO and HF generate scripts."""
+    TRL PPO and HF generate scripts; 'report-seed': every method of the report on tuning seed
+    --seed of --task under --preset, its core-minutes per method and where they go (JSON)."""
     vocab: int = 256
     """--only=ppo: vocabulary of the random-weight GPT-2 (--n_layer, --n_embd, --n_head size it)."""
     batch: int = 64
