@@ -74,7 +74,7 @@ def trained(tmp_path_factory):
     ("bench.py", ["--sizes=nosuch"], "--sizes='nosuch': unknown size 'nosuch'"),
     ("bench.py", ["--json=True"], "--json=True: is for --only=ppo, generate or report-seed"),
     ("bench.py", ["--only=report-seed", "--seed=3"], "--seed=3: --only=report-seed runs on a tuning seed"),
-    ("bench.py", ["--only=report-seed", "--seed=100", "--rollout_batch=8"], "--rollout_batch=8: bench.py does not use it with --only=report-seed"),
+    ("bench.py", ["--only=report-seed", "--seed=100", "--rollout_batch=5"], "--rollout_batch=5: bench.py does not use it with --only=report-seed"),
     ("bench.py", ["--data=README.md"], "--data='README.md': bench.py does not use it"),
     ("bench.py", ["--resume=True"], "--resume=True: bench.py does not use it"),
     ("bench.py", ["--sft_steps=10"], "--sft_steps=10: bench.py does not use it"),
