@@ -20,7 +20,7 @@ from dataclasses import fields
 import torch
 
 from minirlhf.bench.config import BenchConfig
-from minirlhf.bench.cost import report_seed_cost
+from minirlhf.study.cost import report_seed_cost
 from minirlhf.bench.peers import PROMPT_FIELDS, bench_generate_peer, bench_ppo_peer
 from minirlhf.bench.table import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
                                   peak_memory)

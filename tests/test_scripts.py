@@ -242,7 +242,7 @@ def test_the_report_seed_benchmark_times_every_method_and_charges_every_second()
 
 
 def test_the_cost_profile_charges_a_call_to_its_outermost_sticky_part(monkeypatch):
-    from minirlhf.bench import cost
+    from minirlhf.study import cost
     clock = [0.0]
     monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
     profile = cost.Profile()

@@ -16,8 +16,8 @@ from ..data.tasks import Task
 from ..model import GPT
 from ..pipeline import prepare_rl
 from ..plumbing.config import parse_args
-from ..study.cells import METHODS, run_cell
-from ..study.config import ReportConfig
+from .cells import METHODS, run_cell
+from .config import ReportConfig
 
 # part -> the functions charged to it, and whether calls inside them stay charged to it
 PARTS = {"generation": ([(generate, "generate")], True),
