@@ -20,7 +20,6 @@ from dataclasses import fields
 import torch
 
 from minirlhf.bench.config import BenchConfig
-from minirlhf.study.cost import report_seed_cost
 from minirlhf.bench.peers import PROMPT_FIELDS, bench_generate_peer, bench_ppo_peer
 from minirlhf.bench.table import (SIZES, bench_generation, bench_ppo, bench_training, peak_flops,
                                   peak_memory)
@@ -29,6 +28,7 @@ from minirlhf.plumbing.checkpoint import load
 from minirlhf.plumbing.config import UsageError, parse_args
 from minirlhf.plumbing.runtime import main, print_table, setup
 from minirlhf.plumbing.validate import validate
+from minirlhf.study.cost import report_seed_cost
 
 # what each mode reads besides --threads, --only and --json (and --preset, --out_dir: a bundle of
 # defaults, and a folder it writes nothing to); any other option set is refused, not ignored

@@ -122,8 +122,9 @@ def summarize(history):
     whose first evaluation is its own), final and peak-gold evaluations, the whole curve
     (iter, KL, proxy, gold) and the evaluation prompts' keys (GoldJudge records them with its
     first evaluation). The keys are results.json's cell format."""
-    keys = history[0].get("prompt_keys")
-    history = [{k: v for k, v in h.items() if k != "prompt_keys"} for h in history]
+    first = dict(history[0])
+    keys = first.pop("prompt_keys", None)
+    history = [first, *history[1:]]
     peak = max(history, key=lambda h: h["eval/gold"])
     fields = ("iter", "eval/kl", "eval/proxy", "eval/gold", "eval/win_rate", "gold_per_prompt")
     curve = [{k: h[k] for k in fields} for h in history]

@@ -200,6 +200,17 @@ class GoldJudge:
                         ["prompt", "response", "proxy", "gold"])
 
 
+STATE_FIELDS = ("critic", "opt_pi", "opt_v", "kl_coef")  # what a run carries besides its policy
+
+
+def restore(ck, critic, opt_pi, opt_v, kl_ctl):
+    """A PPO checkpoint's critic, optimiser states and KL coefficient, loaded into this run's."""
+    critic.load_state_dict(ck["critic"])
+    opt_pi.load_state_dict(ck["opt_pi"])
+    opt_v.load_state_dict(ck["opt_v"])
+    kl_ctl.value = ck["kl_coef"]
+
+
 def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segment=Segment()):
     """PPO from `init_policy` (default: the SFT weights) against `rm`, KL reference = SFT, for
     cfg.iters iterations of `segment`; judged by the gold reward every cfg.eval_every iterations;
@@ -215,22 +226,17 @@ def train_ppo(cfg, source, sft, rm, device, name="ppo", init_policy=None, segmen
     opt_v = adamw(critic.parameters(), lr=cfg.critic_lr, eps=1e-5, weight_decay=0.0)
     kl_ctl = (ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target > 0 else ppo.FixedKLController(cfg.kl_coef))
+    state = (critic, opt_pi, opt_v, kl_ctl)
     if segment.carry_from:  # a later round: no fresh critic, optimiser or KL coefficient
-        ck = load(segment.carry_from, fields=("critic", "opt_pi", "opt_v", "kl_coef"))
-        critic.load_state_dict(ck["critic"])
-        opt_pi.load_state_dict(ck["opt_pi"])
-        opt_v.load_state_dict(ck["opt_v"])
-        kl_ctl.value = ck["kl_coef"]
+        restore(load(segment.carry_from, fields=STATE_FIELDS), *state)
     judge = GoldJudge(cfg, task, batcher, ref, rm, segment, device)
     ckpt_path, start = os.path.join(cfg.out_dir, f"{name}.pt"), 0
     if cfg.resume and os.path.exists(ckpt_path):
         ck = load(ckpt_path, expect=None if cfg.reuse else made_with(cfg, "ppo"),
-                  fields=("policy", "critic", "opt_pi", "opt_v", "kl_coef", "iter", "history"))
+                  fields=("policy", *STATE_FIELDS, "iter", "history"))
         policy.load_state_dict(ck["policy"])
-        critic.load_state_dict(ck["critic"])
-        opt_pi.load_state_dict(ck["opt_pi"])
-        opt_v.load_state_dict(ck["opt_v"])
-        kl_ctl.value, start, judge.history = ck["kl_coef"], ck["iter"], ck["history"]
+        restore(ck, *state)
+        start, judge.history = ck["iter"], ck["history"]
         print(f"resumed {ckpt_path} at iteration {start}")
     # rows after the checkpoint: replayed
     metrics = Metrics(cfg.out_dir, name, keep_steps=start, step_key="iter",

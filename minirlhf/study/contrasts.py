@@ -104,10 +104,10 @@ PRIMARY = ("KL-grid mean", "split-half peak")
 
 def paired_differences(runs, delta):
     """Every pre-registered contrast whose two methods ran: `runs` maps a method to its run's
-    summary per seed ({seed: summary}, a run of rounds joined). One row per contrast and endpoint (primary ones first in
-    each contrast, then gold at KL 2): dict(method, baseline, endpoint, diffs over common seeds,
-    p, and for the primary endpoints the Holm-adjusted p over contrasts x primary endpoints and the
-    reading)."""
+    summary per seed ({seed: summary}, a run of rounds joined). One row per contrast and endpoint
+    (primary ones first in each contrast, then gold at KL 2): dict(method, baseline, endpoint,
+    diffs over common seeds, p, and for the primary endpoints the Holm-adjusted p over contrasts
+    x primary endpoints and the reading)."""
     rows = []
     for a, b in CONTRASTS:
         if a not in runs or b not in runs:

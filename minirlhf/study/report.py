@@ -272,11 +272,12 @@ def short_runs_of_rounds(task, seeds, methods, cell):
     for m in methods:
         rounds = {s: len(cell[(s, m)]["rounds"]) for s in seeds
                   if cell[(s, m)] and "rounds" in cell[(s, m)]}
+        most = max(rounds.values(), default=0)
         for s, n in rounds.items():
-            if n < max(rounds.values()):
+            if n < most:
                 raise ValueError(f"results.json cell {task}/{s}/{m}: {n} rounds where other seeds "
-                                 f"have {max(rounds.values())}: rerun it (a run cut short is not "
-                                 "left out of the contrasts silently)")
+                                 f"have {most}: rerun it (a run cut short is not left out of the "
+                                 "contrasts silently)")
 
 
 def write_report(cfg, results, methods):
