@@ -1,31 +1,74 @@
 """Judging a policy with the task's gold reward: what really got better, and how far the
 proxy drifted from it."""
+import hashlib
 import math
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .generate import generate, sampled_responses, sequence_logprobs
+from .generate import generate, in_length_order, sampled_responses, sequence_logprobs
+from .rm import score_responses
 
 
 @torch.no_grad()
-def sample_and_score(policy, ref, rm, batcher, prompts, temperature, generator, batch=256):
-    """Sample one response per prompt; returns the responses (token ids, as sampled), proxy scores,
-    KL to ref (sum of k1 over tokens; 0 with ref=None, for callers that read no KL) and lengths,
-    as numpy arrays (the responses a list)."""
+def sample_with_kl(policy, ref, batcher, prompts, temperature, generator, batch=256):
+    """Sample one response per prompt; returns the responses (token ids, as sampled), KL to ref
+    (sum of k1 over tokens; 0 with ref=None, for callers that read no KL) and lengths, the last
+    two as numpy arrays."""
     tok = batcher.tok
-    responses, proxy, kl, length = [], [], [], []
+    responses, kl, length = [], [], []
     for i in range(0, len(prompts), batch):
         p, pm = batcher.prompts(prompts[i:i + batch])
         r, logp, rmask = generate(policy, p, pm, batcher.max_new_tokens, tok.eos_id, tok.pad_id,
                                   temperature=temperature, generator=generator)
-        ref_logp = logp if ref is None else sequence_logprobs(ref, p, pm, r, rmask, temperature)
+        ref_logp = logp if ref is None else in_length_order(
+            lambda *b: sequence_logprobs(ref, *b, temperature), p, pm, r, rmask)
         responses += sampled_responses(r, rmask)
-        proxy.append(rm.score(p, pm, r, rmask).float().cpu())
         kl.append(((logp - ref_logp) * rmask).sum(-1).cpu())
         length.append(rmask.sum(-1).cpu())
-    return responses, torch.cat(proxy).numpy(), torch.cat(kl).numpy(), torch.cat(length).numpy()
+    return responses, torch.cat(kl).numpy(), torch.cat(length).numpy()
+
+
+# the SFT policy's draws that every PPO run of a seed repeats (its win-rate baseline, and its first
+# evaluation when it starts from the SFT), by what decides them: drawn once in a process
+SFT_DRAWS = {}
+
+
+def drawn(policy, ref, task, batcher, prompts, temperature, generator, n, reuse=False):
+    """n draws of one response per prompt from `generator`: [(responses, KL to ref, lengths,
+    gold)], the last three numpy arrays. With `reuse`, a policy with the reference's weights (the
+    SFT) is drawn once per key and the generator left where the draws left it: bit for bit what
+    drawing again would give."""
+    def draw():
+        out = []
+        for _ in range(n):
+            responses, kl, length = sample_with_kl(policy, ref, batcher, prompts, temperature,
+                                                   generator)
+            out.append((responses, kl, length, np.array(task.golds(prompts, responses))))
+        return out
+    if not reuse or (ref is not None and fingerprint(policy) != fingerprint(ref)):
+        return draw()
+    key = (fingerprint(policy), ref is None, type(task).__name__, tuple(prompts), temperature,
+           batcher.prompt_len, batcher.max_new_tokens, n, str(generator.device),
+           generator.get_state().numpy().tobytes(), torch.is_autocast_enabled(generator.device.type),
+           torch.get_autocast_dtype(generator.device.type))
+    if key not in SFT_DRAWS:
+        SFT_DRAWS[key] = draw(), generator.get_state()
+        while len(SFT_DRAWS) > 8:  # a few seeds' worth: a process runs seeds one after another
+            SFT_DRAWS.pop(next(iter(SFT_DRAWS)))
+    out, state = SFT_DRAWS[key]
+    generator.set_state(state)
+    return out
+
+
+def fingerprint(model):
+    """A digest of a model's weights: equal digests, equal models."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.digest()
 
 
 def win_tie_lose(gold, baseline_gold):
@@ -35,18 +78,19 @@ def win_tie_lose(gold, baseline_gold):
     return {"win": win, "tie": tie, "lose": 1 - win - tie, "win_rate": win + tie / 2}
 
 
-def evaluate(policy, ref, rm, task, batcher, prompts, sft_gold, temperature, generator):
-    """Two samples per held-out prompt, judged by the gold reward and by the proxy RM.
+def evaluate(policy, ref, rm, task, batcher, prompts, sft_gold, temperature, generator,
+             reuse=False):
+    """Two samples per held-out prompt, judged by the gold reward and by the proxy RM (`reuse`:
+    see `drawn`).
 
     sft_gold: gold of one SFT sample per prompt (the win-rate baseline). Gold, proxy, KL, length and
     the win-rate use both samples (each compared with the baseline); the pair of them measures
     how well the proxy ranks the policy's own samples. Returns a flat dict of metrics; the RM is
     normalised to unit std on SFT samples, so reward-difference spreads are in SFT-std units."""
-    a, proxy_a, kl_a, len_a = sample_and_score(policy, ref, rm, batcher, prompts, temperature,
-                                               generator)
-    b, proxy_b, kl_b, len_b = sample_and_score(policy, ref, rm, batcher, prompts, temperature,
-                                               generator)
-    gold_a, gold_b = np.array(task.golds(prompts, a)), np.array(task.golds(prompts, b))
+    (a, kl_a, len_a, gold_a), (b, kl_b, len_b, gold_b) = drawn(
+        policy, ref, task, batcher, prompts, temperature, generator, 2, reuse)
+    proxy_a, proxy_b = (score_responses(rm, batcher, prompts, y).float().cpu().numpy()
+                        for y in (a, b))
     decided = gold_a != gold_b  # RM accuracy on gold-labelled pairs of the policy's own samples
     rm_acc = (float(((proxy_a > proxy_b) == (gold_a > gold_b))[decided].mean()) if decided.any()
               else float("nan"))
@@ -106,9 +150,8 @@ def best_of_n(sft, rm, task, batcher, prompts, temperature, generator, n_max):
     {n, kl, gold, proxy}."""
     proxy, gold = [], []
     for _ in tqdm(range(n_max), desc="best-of-n samples", mininterval=1.0):
-        responses, s, _, _ = sample_and_score(sft, None, rm, batcher, prompts, temperature,
-                                              generator)
-        proxy.append(s)
+        responses = sample_with_kl(sft, None, batcher, prompts, temperature, generator)[0]
+        proxy.append(score_responses(rm, batcher, prompts, responses).float().cpu().numpy())
         gold.append(task.golds(prompts, responses))
     proxy, gold = np.array(proxy).T, np.array(gold).T  # (prompts, n_max)
     ns = [2 ** k for k in range(int(math.log2(n_max)) + 1)]

@@ -9,7 +9,7 @@ to and including the first EOS). The full sequence is `cat([prompt, response], 1
 import torch
 import torch.nn.functional as F
 
-from .model import KVCache
+from .model import KVCache, trimmed
 
 
 def left_pad(seqs, pad_id, device="cpu"):
@@ -91,29 +91,38 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
     h = model(prompt, prompt_mask, (prompt_mask.long().cumsum(-1) - 1).clamp(min=0), cache=cache,
               return_hidden=True)[:, -1]
     logits = model.lm_head(h)  # the head on the last prompt position only: the next token's logits
-    ones = torch.ones((B, 1), dtype=torch.long, device=device)
-    step = (GraphedDecodeStep(model, cache, B) if cuda_graph and device.type == "cuda"
-            and max_new_tokens > 1 else lambda tok, pos: model(tok, ones, pos, cache=cache)[:, -1])
+    graphed = cuda_graph and device.type == "cuda" and max_new_tokens > 1
+    step = (GraphedDecodeStep(model, cache, B) if graphed else
+            lambda tok, pos: model(tok, torch.ones_like(tok), pos, cache=cache)[:, -1])
+    # the rows still decoding (A,): without a graph, whose shapes are fixed, finished rows leave
+    # the batch at each check, so the steps after it compute only on rows that still sample
+    alive = torch.arange(B, device=device)
     n = max_new_tokens
     for t in range(max_new_tokens):
-        logits = logits.float() / temperature  # (B, V)
+        logits = logits.float() / temperature  # (A, V)
         logp = F.log_softmax(logits, dim=-1)
         if greedy:
             tok = logits.argmax(-1)
         else:
-            u = torch.rand(total, generator=generator,
-                           device=device)[first:first + B, None]  # (B, 1)
+            # every step draws the whole global batch's uniforms: a row's are the same however
+            # the batch is split or compacted
+            u = torch.rand(total, generator=generator, device=device)[first + alive, None]  # (A, 1)
             cdf = logp.exp().cumsum(-1)
             # right=True skips zero-probability tokens; the clamp covers a float cdf
             # ending just below 1
             tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
         tok = torch.where(done, pad_id, tok)
-        response[:, t] = tok
-        logprobs[:, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
+        response[alive, t] = tok
+        logprobs[alive, t] = torch.where(done, 0.0, logp.gather(-1, tok[:, None]).squeeze(-1))
         done = done | (tok == eos_id)
-        if stop_early and (t + 1) % check_every == 0 and bool(done.all()):
-            n = t + 1
-            break
+        if stop_early and (t + 1) % check_every == 0:
+            if bool(done.all()):
+                n = t + 1
+                break
+            if not graphed and bool(done.any()):
+                keep = ~done
+                alive, done, tok, pos = alive[keep], done[keep], tok[keep], pos[keep]
+                cache.keep(keep)
         if t + 1 < max_new_tokens:
             pos = pos + 1
             logits = step(tok[:, None], pos)
@@ -164,18 +173,34 @@ def sequence_logprobs(model, prompt, prompt_mask, response, resp_mask, temperatu
     """Log-probs (B, N) of the response tokens with one forward over prompt + response
     (0 on padding). With the same temperature these equal what `generate` returned. Optionally also
     the entropy (B, N)."""
+    N = response.shape[1]
+    prompt, prompt_mask, response, resp_mask = trimmed(prompt, prompt_mask, response, resp_mask)
     ids = torch.cat([prompt, response], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     P = prompt.shape[1]
     # the LM head only where a log-prob is read: the states that predict each response token
-    h = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N, C)
+    h = model(ids, mask, return_hidden=True)[:, P - 1:-1]  # (B, N', C), N' <= N
     rows = max(1, MAX_LOGITS // (h.shape[1] * model.cfg.vocab_size))
     parts = [head_logprobs(model.lm_head, h[i:i + rows], response[i:i + rows], temperature,
                            with_entropy) for i in range(0, len(h), rows)]
-    logp = torch.cat([lp for lp, _ in parts]) * resp_mask
+    # (B, N): the trimmed columns are padding, whose log-prob and entropy read 0
+    logp = F.pad(torch.cat([lp for lp, _ in parts]) * resp_mask, (0, N - resp_mask.shape[1]))
     if not with_entropy:
         return logp
-    return logp, torch.cat([ent for _, ent in parts]) * resp_mask
+    ent = torch.cat([ent for _, ent in parts]) * resp_mask
+    return logp, F.pad(ent, (0, N - resp_mask.shape[1]))
+
+
+def in_length_order(fn, prompt, prompt_mask, response, resp_mask, rows=32):
+    """fn(prompt, prompt_mask, response, resp_mask) over chunks of `rows` rows taken in order of
+    real length, so that each chunk, trimmed by fn, holds little padding; its outputs (one row
+    each: (B,) or (B, ...)) come back in the batch's order, gradients flowing through. A row's
+    output does not depend on the rows beside it, so this is fn on the whole batch up to float
+    rounding (dropout aside, which draws per chunk)."""
+    order = (prompt_mask.sum(-1) + resp_mask.sum(-1)).argsort(stable=True)  # (B,)
+    out = torch.cat([fn(prompt[i], prompt_mask[i], response[i], resp_mask[i])
+                     for i in order.split(rows)])
+    return out[order.argsort()]
 
 
 def head_logprobs(lm_head, h, response, temperature, with_entropy):

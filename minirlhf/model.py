@@ -55,6 +55,11 @@ class KVCache:
         self.pos = torch.zeros((), dtype=torch.long, device=device)
         self.slots = None  # (T,) the slots the forward in progress fills
 
+    def keep(self, rows):
+        """Keep only `rows` (B,) bool of the batch: the rows that still decode."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.key_mask = self.key_mask[rows]
+
     def write(self, layer, k, v):
         """Store this chunk's keys and values (B, H, T, hd) in `layer`'s slots; return the whole
         buffers (B, H, max_len, hd): attention always sees the same shape."""
@@ -84,8 +89,11 @@ class Attention(nn.Module):
             # over the B * H tiny problems (sampling 6-8% faster at 4L x 128d, 4-6% at 6L x 384d;
             # on CUDA, where the step is a graph, SDPA stays: written out, the eager step was
             # slower)
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, 1, max_len)
-            y = att.masked_fill(~allowed, float("-inf")).softmax(-1) @ v  # (B, H, 1, hd)
+            # only the slots written so far (L): the rest hold no key yet
+            L = int(cache.slots[-1]) + 1
+            k, v = k[:, :, :L], v[:, :, :L]
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, H, 1, L)
+            y = att.masked_fill(~allowed[..., :L], float("-inf")).softmax(-1) @ v  # (B, H, 1, hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -316,12 +324,22 @@ def score_with(forward, prompt, prompt_mask, response, resp_mask, return_hidden=
     (the EOS of a finished response). With return_hidden, also that token's final hidden state
     (B, C), the feature the head reads. (MetaRM's second-order step passes a functional forward at
     shifted weights.)"""
+    prompt, prompt_mask, response, resp_mask = trimmed(prompt, prompt_mask, response, resp_mask)
     ids = torch.cat([prompt, response], 1)
     mask = torch.cat([prompt_mask, resp_mask], 1)
     values, hidden = forward(ids, mask, return_hidden=True)  # (B, T), (B, T, C)
     idx = last_token_index(mask)
     rows = torch.arange(ids.shape[0], device=ids.device)
     return (values[rows, idx], hidden[rows, idx]) if return_hidden else values[rows, idx]
+
+
+def trimmed(prompt, prompt_mask, response, resp_mask):
+    """A batch without the columns where no row has a real token: the left-padded prompt's first
+    ones and the right-padded response's last ones. Positions come from the mask, so every row
+    computes what it computed in the wider batch, on fewer columns."""
+    P = int(prompt_mask.any(0).long().argmax())  # the first column holding a real token
+    N = max(1, int(resp_mask.sum(-1).max()))  # a response's real tokens come first
+    return prompt[:, P:], prompt_mask[:, P:], response[:, :N], resp_mask[:, :N]
 
 
 def last_token_index(mask):

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from . import ppo
 from .data.batches import Batcher
-from .evaluate import best_of_n, evaluate, sample_and_score, summarize
-from .generate import generate, sequence_logprobs
+from .evaluate import best_of_n, drawn, evaluate, summarize
+from .generate import generate, in_length_order, sequence_logprobs
+from .model import trimmed
 from .plumbing import dist, seeds
 from .plumbing.checkpoint import atomic_save, load
 from .plumbing.config import UsageError, made_with
@@ -37,9 +38,12 @@ from .plumbing.runtime import (Metrics, adamw, autocast, check_finite, clip_and_
 def critic_values(critic, prompt, prompt_mask, response, resp_mask):
     """V(s_t) for each response token t: the critic read at the position that
     predicts token t. (B, N)"""
+    N = response.shape[1]
+    prompt, prompt_mask, response, resp_mask = trimmed(prompt, prompt_mask, response, resp_mask)
     ids = torch.cat([prompt, response], 1)
     values = critic(ids, torch.cat([prompt_mask, resp_mask], 1))
-    return values[:, prompt.shape[1] - 1:-1] * resp_mask
+    # (B, N): the trimmed columns are padding, whose value reads 0
+    return F.pad(values[:, prompt.shape[1] - 1:-1] * resp_mask, (0, N - resp_mask.shape[1]))
 
 
 @torch.no_grad()
@@ -60,13 +64,14 @@ def rollout(policy, ref, critic, rm, prompt, prompt_mask, eos_id, pad_id, cfg, g
     mask = F.pad(mask, (0, N - mask.shape[1]))  # (B', N): 1 up to and including EOS
     # 2. old log-probs by the same forward the update uses, so the ratio is exactly 1 before
     # the first step (§1.3)
-    logp = sequence_logprobs(policy, prompt, prompt_mask, response, mask, cfg.temperature)
+    seqs = prompt, prompt_mask, response, mask
+    logp = in_length_order(lambda *b: sequence_logprobs(policy, *b, cfg.temperature), *seqs)
     # the same temperature everywhere (§1.3)
-    ref_logp = sequence_logprobs(ref, prompt, prompt_mask, response, mask, cfg.temperature)
-    values = critic_values(critic, prompt, prompt_mask, response, mask)  # (B', N)
+    ref_logp = in_length_order(lambda *b: sequence_logprobs(ref, *b, cfg.temperature), *seqs)
+    values = in_length_order(lambda *b: critic_values(critic, *b), *seqs)  # (B', N)
     # 3. score; a response cut off before EOS gets the no-EOS penalty instead (§1.3)
     finished = (response == eos_id).any(-1)  # (B',)
-    score = ppo.sequence_reward(rm.score(prompt, prompt_mask, response, mask).float(), finished,
+    score = ppo.sequence_reward(in_length_order(rm.score, *seqs).float(), finished,
                                 cfg.no_eos_penalty)  # (B',)
     prompt, prompt_mask, response, mask, logp, ref_logp, values, score, finished = (
         dist.gather_rows(prompt, prompt_mask, response, mask, logp, ref_logp, values, score,
@@ -164,9 +169,8 @@ class GoldJudge:
                                            segment.eval_split)
         # the baseline's stream is fixed, so a resumed run gets the same
         gen = seeds.generators(device, cfg.seed, seeds.WIN_RATE_BASELINE)[1]
-        self.sft_gold = (np.array(task.golds(self.prompts, sample_and_score(
-            ref, None, rm, batcher, self.prompts, cfg.temperature, gen)[0]))
-            if dist.is_main() else None)
+        self.sft_gold = (drawn(ref, None, task, batcher, self.prompts, cfg.temperature, gen, 1,
+                               reuse=True)[0][3] if dist.is_main() else None)
 
     def judged(self, it):
         return bool(self.history) and self.history[-1]["iter"] == it
@@ -184,7 +188,8 @@ class GoldJudge:
             ev = evaluate(policy, self.ref, self.rm, self.task, self.batcher, self.prompts,
                           self.sft_gold, cfg.temperature,
                           seeds.generators(self.device, cfg.seed, seeds.PPO_ITERATION,
-                                           self.segment.first_iter + it, seeds.EVALUATION)[1])
+                                           self.segment.first_iter + it, seeds.EVALUATION)[1],
+                          reuse=self.segment.first_iter + it == 0)
         samples = ev.pop("samples")
         point = {"iter": it, **ev}
         if not self.history:  # once a run: the split-half peak holds out prompt keys (§4.3)

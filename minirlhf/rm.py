@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .data.batches import Batcher
 from .data.hh import DataError
-from .generate import policy_samples, sample_responses
+from .generate import in_length_order, policy_samples, sample_responses
 from .model import load_model, save_model
 from .plumbing import dist, seeds
 from .plumbing.checkpoint import atomic_write_json
@@ -36,7 +36,7 @@ from .reward import Ensemble, bt_loss, normalize, pairwise_accuracy, reward_mode
 
 def pair_rewards(rm, batcher, prompts, chosen, rejected):
     """(r(x, y_w), r(x, y_l)), each (B,), from one forward over 2B sequences."""
-    r = rm.score(*batcher.batch(list(prompts) * 2, list(chosen) + list(rejected)))
+    r = in_length_order(rm.score, *batcher.batch(list(prompts) * 2, list(chosen) + list(rejected)))
     return r[:len(prompts)], r[len(prompts):]
 
 
@@ -56,11 +56,10 @@ def score_responses(rm, batcher, prompts, responses, batch=256, hidden=False):
     """RM scores (N,) of (prompt text, response) pairs, `batch` at a time, each response scored as
     the tokens it was sampled as (data.batches.encode_responses); with `hidden`, the final hidden
     states (N, C) the RM's head reads instead (a single RM, not an ensemble)."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        rows = batcher.batch(prompts[i:i + batch], responses[i:i + batch])
-        out.append(rm.score(*rows, return_hidden=True)[1] if hidden else rm.score(*rows))
-    return torch.cat(out)
+    score = (lambda *rows: rm.score(*rows, return_hidden=True)[1]) if hidden else rm.score
+    return torch.cat([in_length_order(score, *batcher.batch(prompts[i:i + batch],
+                                                            responses[i:i + batch]))
+                      for i in range(0, len(prompts), batch)])
 
 
 def normalize_on(rm, batcher, prompts, responses):

@@ -158,9 +158,12 @@ def test_best_of_n_estimator_matches_brute_force():
 def test_evaluation_uses_both_samples_of_each_prompt(monkeypatch):
     """Gold, proxy, KL and the win-rate average the two samples drawn per prompt (none is wasted)."""
     from minirlhf import evaluate as ev
-    draws = iter([(["a1", "a22"], np.array([1.0, 2.0]), np.array([0.5, 1.5]), np.array([2, 3])),
-                  (["b333", "b4444"], np.array([3.0, 4.0]), np.array([2.5, 3.5]), np.array([4, 5]))])
-    monkeypatch.setattr(ev, "sample_and_score", lambda *args: next(draws))
+    draws = iter([(["a1", "a22"], np.array([0.5, 1.5]), np.array([2, 3])),
+                  (["b333", "b4444"], np.array([2.5, 3.5]), np.array([4, 5]))])
+    monkeypatch.setattr(ev, "sample_with_kl", lambda *args: next(draws))
+    proxy = {"a1": 1.0, "a22": 2.0, "b333": 3.0, "b4444": 4.0}
+    monkeypatch.setattr(ev, "score_responses",
+                        lambda rm, batcher, prompts, ys: torch.tensor([proxy[y] for y in ys]))
 
     class Task:  # gold = the response's length
         golds = staticmethod(lambda prompts, responses: [float(len(y)) for y in responses])
@@ -169,3 +172,39 @@ def test_evaluation_uses_both_samples_of_each_prompt(monkeypatch):
     assert out["eval/gold"] == (2 + 3 + 4 + 5) / 4 and out["gold_per_prompt"] == [3.0, 4.0]
     assert out["eval/proxy"] == 2.5 and out["eval/kl"] == 2.0 and out["eval/length"] == 3.5
     assert out["eval/win_rate"] == 0.5  # a loses both prompts, b wins both
+
+
+def test_the_sft_draws_reused_are_bit_for_bit_what_drawing_again_gives(monkeypatch):
+    """The SFT's draws (a seed's win-rate baseline and first evaluation) are drawn once and reused,
+    the generator left where drawing would leave it; a policy with other weights is drawn anew."""
+    import copy
+
+    from minirlhf import evaluate as ev
+    from minirlhf.data.batches import Batcher
+    from minirlhf.data.tasks import get_task
+    from minirlhf.model import GPT, GPTConfig
+    task = get_task("reviews")
+    torch.manual_seed(0)
+    sft = GPT(GPTConfig(vocab_size=task.tokenizer.vocab_size, n_positions=48, n_embd=16, n_layer=1,
+                        n_head=2)).eval()
+    batcher, prompts = Batcher(task.tokenizer, 16, 24), ["review pizza staff positive :"] * 3
+    policy = copy.deepcopy(sft)
+    monkeypatch.setattr(ev, "SFT_DRAWS", {})
+    calls, real = [], ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def draw(model, reuse):
+        g = torch.Generator().manual_seed(5)
+        out = ev.drawn(model, sft, task, batcher, prompts, 1.0, g, 2, reuse)
+        return out, torch.rand(1, generator=g)  # and where the generator was left
+    fresh = draw(policy, False)
+    first, again = draw(policy, True), draw(policy, True)
+    assert len(calls) == 2 * 2 and len(ev.SFT_DRAWS) == 1  # the second reuse drew nothing
+    for (x, u), (y, v) in ((fresh, first), (fresh, again)):
+        assert torch.equal(u, v)
+        for a, b in zip(x, y):
+            assert a[0] == b[0] and all(np.array_equal(s, t) for s, t in zip(a[1:], b[1:]))
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(1.5)  # another policy: drawn anew, not from the memo
+    draw(policy, True)
+    assert len(calls) == 3 * 2 and len(ev.SFT_DRAWS) == 1
