@@ -1,6 +1,5 @@
 """Judging a policy with the task's gold reward: what really got better, and how far the
 proxy drifted from it."""
-import hashlib
 import math
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from .generate import generate, in_length_order, sampled_responses, sequence_logprobs
+from .plumbing.memo import fingerprint, reused
 from .rm import score_responses
 
 
@@ -30,16 +30,10 @@ def sample_with_kl(policy, ref, batcher, prompts, temperature, generator, batch=
     return responses, torch.cat(kl).numpy(), torch.cat(length).numpy()
 
 
-# the SFT policy's draws that every PPO run of a seed repeats (its win-rate baseline, and its first
-# evaluation when it starts from the SFT), by what decides them: drawn once in a process
-SFT_DRAWS = {}
-
-
 def drawn(policy, ref, task, batcher, prompts, temperature, generator, n, reuse=False):
     """n draws of one response per prompt from `generator`: [(responses, KL to ref, lengths,
     gold)], the last three numpy arrays. With `reuse`, a policy with the reference's weights (the
-    SFT) is drawn once per key and the generator left where the draws left it: bit for bit what
-    drawing again would give."""
+    SFT, which every PPO run of a seed starts from) is drawn once per process (plumbing/memo.py)."""
     def draw():
         out = []
         for _ in range(n):
@@ -49,26 +43,8 @@ def drawn(policy, ref, task, batcher, prompts, temperature, generator, n, reuse=
         return out
     if not reuse or (ref is not None and fingerprint(policy) != fingerprint(ref)):
         return draw()
-    key = (fingerprint(policy), ref is None, type(task).__name__, tuple(prompts), temperature,
-           batcher.prompt_len, batcher.max_new_tokens, n, str(generator.device),
-           generator.get_state().numpy().tobytes(), torch.is_autocast_enabled(generator.device.type),
-           torch.get_autocast_dtype(generator.device.type))
-    if key not in SFT_DRAWS:
-        SFT_DRAWS[key] = draw(), generator.get_state()
-        while len(SFT_DRAWS) > 8:  # a few seeds' worth: a process runs seeds one after another
-            SFT_DRAWS.pop(next(iter(SFT_DRAWS)))
-    out, state = SFT_DRAWS[key]
-    generator.set_state(state)
-    return out
-
-
-def fingerprint(model):
-    """A digest of a model's weights: equal digests, equal models."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-    return h.digest()
+    return reused((fingerprint(policy), ref is None, type(task).__name__, tuple(prompts),
+                   temperature, batcher.prompt_len, batcher.max_new_tokens, n), draw, generator)
 
 
 def win_tie_lose(gold, baseline_gold):

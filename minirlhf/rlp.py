@@ -25,6 +25,7 @@ from .data.batches import Batcher
 from .evaluate import summarize
 from .generate import policy_samples
 from .plumbing import seeds
+from .plumbing.memo import fingerprint, reused
 from .plumbing.runtime import (Metrics, autocast, clip_and_check, print_table, read_summary,
                                write_summary)
 from .ppo_trainer import ensure_ppo, train_ppo
@@ -283,13 +284,19 @@ def rlp_round(cfg, name, source, sft, rm, prefs, device):
     batcher = Batcher.of(cfg, source.tokenizer, device)
     # 1. the policy to learn from: vanilla PPO's
     policy = ensure_ppo(cfg, source, sft, rm, device)
-    # 2. P: --n_samples per unlabelled prompt (the paper's 10) at T = 1
+    # 2. P: --n_samples per unlabelled prompt (the paper's 10) at T = 1 (every one-shot method of
+    # a seed draws the same P from the same policy: drawn once in a process, plumbing/memo.py)
     rng, gen = seeds.generators(device, cfg.seed, seeds.RLP_SAMPLES)
     prompts = task.sample_prompts(cfg.refine_prompts, rng, "unlabelled")
-    samples = policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0, gen)
+    drawn_from = (fingerprint(policy), type(task).__name__, batcher.prompt_len,
+                  batcher.max_new_tokens)
+    samples = reused((drawn_from, tuple(prompts), cfg.n_samples),
+                     lambda: policy_samples(policy, batcher, prompts, cfg.n_samples, 1.0, gen), gen)
     # (how well an RM ranks the policy's samples where nothing trained, before and after)
-    pol_pairs = held_out_policy_pairs(policy, batcher, task, cfg.refine_prompts, 1.0,
-                                      seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS))
+    held_out = seeds.stream(cfg.seed, seeds.HELD_OUT_PAIRS)
+    pol_pairs = reused((drawn_from, "held-out pairs", cfg.refine_prompts, held_out),
+                       lambda: held_out_policy_pairs(policy, batcher, task, cfg.refine_prompts, 1.0,
+                                                     held_out))
     before = {"rm_acc_policy_pairs": rm_accuracy(rm, batcher, pol_pairs),
               "held_out_acc_gold": rm_accuracy(rm, batcher, prefs["held_clean"])}
     # 3. what the method adds to D

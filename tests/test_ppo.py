@@ -189,7 +189,8 @@ def test_the_sft_draws_reused_are_bit_for_bit_what_drawing_again_gives(monkeypat
                         n_head=2)).eval()
     batcher, prompts = Batcher(task.tokenizer, 16, 24), ["review pizza staff positive :"] * 3
     policy = copy.deepcopy(sft)
-    monkeypatch.setattr(ev, "SFT_DRAWS", {})
+    from minirlhf.plumbing import memo
+    monkeypatch.setattr(memo, "MEMO", {})
     calls, real = [], ev.generate
     monkeypatch.setattr(ev, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
 
@@ -199,7 +200,7 @@ def test_the_sft_draws_reused_are_bit_for_bit_what_drawing_again_gives(monkeypat
         return out, torch.rand(1, generator=g)  # and where the generator was left
     fresh = draw(policy, False)
     first, again = draw(policy, True), draw(policy, True)
-    assert len(calls) == 2 * 2 and len(ev.SFT_DRAWS) == 1  # the second reuse drew nothing
+    assert len(calls) == 2 * 2 and len(memo.MEMO) == 1  # the second reuse drew nothing
     for (x, u), (y, v) in ((fresh, first), (fresh, again)):
         assert torch.equal(u, v)
         for a, b in zip(x, y):
@@ -207,4 +208,4 @@ def test_the_sft_draws_reused_are_bit_for_bit_what_drawing_again_gives(monkeypat
     with torch.no_grad():
         policy.lm_head.weight.mul_(1.5)  # another policy: drawn anew, not from the memo
     draw(policy, True)
-    assert len(calls) == 3 * 2 and len(ev.SFT_DRAWS) == 1
+    assert len(calls) == 3 * 2 and len(memo.MEMO) == 1
