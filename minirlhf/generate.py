@@ -196,7 +196,7 @@ def in_length_order(fn, prompt, prompt_mask, response, resp_mask, rows=32):
     real length, so that each chunk, trimmed by fn, holds little padding; its outputs (one row
     each: (B,) or (B, ...)) come back in the batch's order, gradients flowing through. A row's
     output does not depend on the rows beside it, so this is fn on the whole batch up to float
-    rounding (dropout aside, which draws per chunk)."""
+    rounding (dropout aside, which draws per chunk; ALGORITHMS.md, "Batch layout")."""
     order = (prompt_mask.sum(-1) + resp_mask.sum(-1)).argsort(stable=True)  # (B,)
     out = torch.cat([fn(prompt[i], prompt_mask[i], response[i], resp_mask[i])
                      for i in order.split(rows)])
