@@ -68,10 +68,11 @@ def generate(model, prompt, prompt_mask, max_new_tokens, eos_id, pad_id, tempera
     response_mask (B, N)).
 
     logprobs are under the distribution actually sampled from (the model's at `temperature`:
-    PPO's ratio needs the policy's own probabilities); 0 on padding. Rows that emitted EOS keep
-    producing PAD. With `stop_early`, the loop ends once every row is done, checked only every
-    `check_every` steps so that CUDA never waits on the host each token; `stop_early=False` is
-    the fixed-length mode (exactly max_new_tokens steps, no host sync at all). Sampling is by
+    PPO's ratio needs the policy's own probabilities); 0 on padding. Rows that emitted EOS read
+    PAD. With `stop_early`, the loop ends once every row is done, checked only every
+    `check_every` steps so that CUDA never waits on the host each token, and at each check the
+    rows that finished leave the batch (not under a CUDA graph); `stop_early=False` is the
+    fixed-length mode (exactly max_new_tokens steps, no host sync at all). Sampling is by
     inverse CDF with one uniform per row and step. `rows=(first, total)` says this batch is rows
     first.. of a global batch of `total` (data parallel): uniforms are drawn for the whole
     global batch, so a row gets the same tokens however the batch is split across processes. On
