@@ -181,9 +181,11 @@ def summary_lines(cfg, per_seed, names, n_seeds):
     """The title and the final/peak table, SFT first (vanilla PPO's iteration 0)."""
     distinct = [len(set(x["prompt_keys"])) for by_seed in per_seed.values()
                 for x in by_seed.values() if x.get("prompt_keys")]
-    span = (f"{min(distinct)}" if min(distinct) == max(distinct) else
-            f"{min(distinct)}–{max(distinct)}") if distinct else ""
-    keys = f" ({span} distinct prompt keys a seed: the prompts repeat)" if distinct else ""
+    keys = ""
+    if distinct:
+        lo, hi = min(distinct), max(distinct)
+        span = f"{lo}" if lo == hi else f"{lo}–{hi}"
+        keys = f" ({span} distinct prompt keys a seed: the prompts repeat)"
     lines = [f"# minirlhf reproduction report: `{cfg.task}`, {n_seeds} seed(s)", "",
              f"Mean ± 95% t-interval over seeds. Gold = the task's gold reward on "
              f"{cfg.eval_prompts} held-out prompts{keys}; win-rate vs SFT counts ties as half. "
